@@ -1,0 +1,1 @@
+"""HOG features + linear SVM image baseline."""

@@ -1,0 +1,1 @@
+"""timm backbone transfer learning image classifier."""

@@ -1,0 +1,1 @@
+"""Text CNN over word2vec embeddings."""

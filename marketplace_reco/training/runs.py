@@ -1,0 +1,99 @@
+"""What every training script shares: data arguments, the product split, and finishing a run.
+
+A run ends the same way for every model: metrics and data summary go into the checkpoint's config,
+the checkpoint is saved (and optionally pushed to a hub), and the confusion matrix and training curves
+are written as PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..data.dataset import Marketplace, load_marketplace
+from ..models.checkpoint import CheckpointMixin
+from ..settings import checkpoints_dir
+from .metrics import plot_confusion_matrix, plot_training_curves
+
+logger = logging.getLogger(__name__)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the listings come from and how they are split (by product, stratified)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--db-url", default=None,
+                       help="SQLAlchemy URL of the products/images tables (default: $MARKETPLACE_DB_URL or the "
+                            "embedded SQLite sample, data/marketplace.db)")
+    group.add_argument("--images", default=None,
+                       help="image location: a folder or s3://bucket/prefix (default: $MARKETPLACE_IMAGES or data/images)")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="share of products for validation")
+    group.add_argument("--test-fraction", type=float, default=0.1, help="share of products held out for the final test")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """Where the checkpoint goes."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--name", default=default_name,
+                       help=f"checkpoint name under the checkpoints folder (default: {default_name})")
+    group.add_argument("--output", type=Path, default=None,
+                       help="explicit checkpoint folder (default: <checkpoints folder>/<name>)")
+    group.add_argument("--push-to", default=None,
+                       help="after saving, also push to a hub: a folder, s3://bucket/prefix/name or a Hugging Face repo id")
+    group.add_argument("--revision", default=None, help="revision (branch or version) to push under")
+
+
+def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:
+    """Load the marketplace named by the data arguments and split it by product."""
+    marketplace = load_marketplace(args.db_url, args.images)
+    train_fraction = 1.0 - args.val_fraction - args.test_fraction
+    return marketplace.split((train_fraction, args.val_fraction, args.test_fraction), seed=args.seed)
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The checkpoint folder chosen by the output arguments."""
+    return args.output if args.output is not None else checkpoints_dir() / args.name
+
+
+def finish_run(
+    model: CheckpointMixin,
+    folder: Path,
+    *,
+    metrics: dict[str, Any],
+    data_summary: dict[str, Any],
+    history: Sequence[dict[str, float]] | None = None,
+    push_to: str | None = None,
+    revision: str | None = None,
+) -> Path:
+    """Record metrics in the model, save the checkpoint, draw its plots and optionally push it."""
+    model.metrics = metrics
+    model.data_summary = data_summary
+    model.save_pretrained(folder)
+    classes = model.config.get("classes")
+    title = f"{model.model_type} ({folder.name})"
+    if classes and "confusion_matrix" in metrics:
+        plot_confusion_matrix(metrics, classes, folder / "confusion_matrix.png", title)
+    if history:
+        plot_training_curves(history, folder / "training_curves.png", title)
+        (folder / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+    logger.info("saved %s to %s", model.model_type, folder)
+    if push_to:
+        from ..models.hub import push_checkpoint
+
+        push_checkpoint(folder, push_to, revision=revision)
+    print(format_metrics(metrics, title))
+    print(f"checkpoint: {folder}")
+    return folder
+
+
+def format_metrics(metrics: dict[str, Any], title: str) -> str:
+    """A short plain-text table of the headline metrics."""
+    if "accuracy" not in metrics:
+        return title
+    lines = [title, f"  {'split':<10}{metrics.get('split', 'test')}", f"  {'samples':<10}{metrics.get('n_samples')}",
+             f"  {'accuracy':<10}{metrics['accuracy']:.4f}", f"  {'macro-F1':<10}{metrics['macro_f1']:.4f}"]
+    return "\n".join(lines)

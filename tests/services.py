@@ -1,0 +1,204 @@
+"""Real backing services for the tests: a throw-away PostgreSQL cluster and a moto S3 server.
+
+Both run as subprocesses on a free loopback port with their own temporary state and are stopped
+by ``stop()`` (or on leaving the ``with`` block). Nothing here is mocked: the database is a real
+``postgres`` server and the S3 endpoint speaks the real HTTP protocol that boto3 talks to.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+# PostgreSQL refuses to run as root; these accounts are tried, in order, when the tests run as root.
+_NON_ROOT_USERS = ("postgres", "nobody")
+_START_TIMEOUT_S = 30.0
+
+
+class ServiceError(RuntimeError):
+    """A test service could not be started; the message says which and why."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _temp_file(prefix: str, suffix: str) -> Path:
+    """A new empty temporary file (closed; the caller deletes it)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def find_postgres_bin_dir() -> Path | None:
+    """The folder holding ``initdb``/``pg_ctl``: PATH first, then Debian's /usr/lib/postgresql/*/bin."""
+    on_path = shutil.which("initdb")
+    if on_path and shutil.which("pg_ctl"):
+        return Path(on_path).resolve().parent
+    # Debian keeps the server binaries off PATH; prefer the newest major version.
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True
+    )
+    for folder in candidates:
+        if (Path(folder) / "initdb").exists() and (Path(folder) / "pg_ctl").exists():
+            return Path(folder)
+    return None
+
+
+def _run_as(user: str | None, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``, as ``user`` through runuser when given (we are root), capturing output."""
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+
+
+def _service_user() -> str | None:
+    """None when not root; otherwise the first existing non-root account PostgreSQL may run as."""
+    if os.geteuid() != 0:
+        return None
+    for name in _NON_ROOT_USERS:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    raise ServiceError(f"running as root and none of the accounts {_NON_ROOT_USERS} exists to run PostgreSQL")
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL cluster on 127.0.0.1:``port`` with trust authentication."""
+
+    bin_dir: Path
+    port: int = field(default_factory=free_port)
+    data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="marketplace-pg-")))
+    superuser: str = "postgres"
+    _user: str | None = field(default=None, init=False)
+    _running: bool = field(default=False, init=False)
+
+    def url(self, database: str = "postgres") -> str:
+        """SQLAlchemy URL of ``database`` on this server (psycopg2 driver)."""
+        return f"postgresql+psycopg2://{self.superuser}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> PostgresServer:
+        """initdb a fresh cluster into ``data_dir`` and start it, waiting until it accepts connections."""
+        self._user = _service_user()
+        if self._user is not None:
+            # mkdtemp makes the folder 0700 for root; hand it to the account that runs the server.
+            info = pwd.getpwnam(self._user)
+            os.chown(self.data_dir, info.pw_uid, info.pw_gid)
+        cluster = self.data_dir / "cluster"
+        init = _run_as(
+            self._user,
+            [str(self.bin_dir / "initdb"), "-D", str(cluster), "-A", "trust", "-U", self.superuser,
+             "-E", "UTF8", "--no-sync", "--locale=C"],
+        )
+        if init.returncode != 0:
+            raise ServiceError(f"initdb into {cluster} failed:\n{init.stdout}{init.stderr}")
+        # Socket in our own folder: /var/run/postgresql may not exist or belong to someone else.
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data_dir} -c fsync=off"
+        started = _run_as(
+            self._user,
+            [str(self.bin_dir / "pg_ctl"), "-D", str(cluster), "-o", options, "-l",
+             str(self.data_dir / "server.log"), "-w", "-t", str(int(_START_TIMEOUT_S)), "start"],
+        )
+        if started.returncode != 0:
+            log = (self.data_dir / "server.log").read_text(errors="replace") if (self.data_dir / "server.log").exists() else ""
+            raise ServiceError(f"pg_ctl start on port {self.port} failed:\n{started.stdout}{started.stderr}\n{log}")
+        self._running = True
+        return self
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database ``name`` and return its SQLAlchemy URL."""
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.superuser, dbname="postgres")
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.url(name)
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and delete its data directory."""
+        if self._running:
+            _run_as(self._user, [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "cluster"), "-m", "fast", "-w", "stop"])
+            self._running = False
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+@dataclass
+class MotoS3Server:
+    """``python -m moto.server`` on 127.0.0.1:``port``: a real HTTP S3 endpoint with in-memory state."""
+
+    port: int = field(default_factory=free_port)
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    # A file, not a pipe: werkzeug logs every request and a full pipe would block the server.
+    _log: Path = field(default_factory=lambda: _temp_file("marketplace-moto-", ".log"))
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MotoS3Server:
+        """Start the server and wait until it answers HTTP."""
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                err = self._log.read_text(errors="replace")
+                raise ServiceError(f"moto server on port {self.port} exited with {self._process.returncode}:\n{err}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.1)
+        self.stop()
+        raise ServiceError(f"moto server on port {self.port} did not answer within {_START_TIMEOUT_S:.0f}s")
+
+    def stop(self) -> None:
+        """Terminate the server process (kill it if it does not exit promptly)."""
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+        self._log.unlink(missing_ok=True)
+
+    def __enter__(self) -> MotoS3Server:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

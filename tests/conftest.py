@@ -10,8 +10,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
+from marketplace_reco.data.dataset import Marketplace, load_marketplace
+from marketplace_reco.data.sample import make_sample_marketplace
 from services import MotoS3Server, PostgresServer, find_postgres_bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +64,6 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     """The name of a new, empty bucket on the session's S3 endpoint."""
-    import boto3
-
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
@@ -74,3 +75,27 @@ def shared_marketplace() -> Path:
     if not (SHARED_MARKETPLACE / "products.csv").exists():
         pytest.skip(f"the shared real data is not available at {SHARED_MARKETPLACE}")
     return SHARED_MARKETPLACE
+
+
+#: Products in the test sample: 10 per class keeps generation around a second.
+SAMPLE_PRODUCTS = 130
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A small sample marketplace (130 products, seed 0) in a temporary SQLite file and photo folder.
+
+    The dict holds ``db_url`` and ``image_location``, so ``load_marketplace(**sample_data)`` opens it.
+    Treat it as read-only: it is shared by the whole session.
+    """
+    folder = tmp_path_factory.mktemp("sample")
+    locations = {"db_url": f"sqlite:///{folder / 'marketplace.db'}", "image_location": str(folder / "images")}
+    make_sample_marketplace(locations["db_url"], locations["image_location"], n_products=SAMPLE_PRODUCTS, seed=0,
+                            progress=False)
+    return locations
+
+
+@pytest.fixture(scope="session")
+def sample_marketplace(sample_data: dict[str, str]) -> Marketplace:
+    """The session's sample marketplace, loaded (``load_marketplace``)."""
+    return load_marketplace(**sample_data)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import psycopg2
+
 # PostgreSQL refuses to run as root; these accounts are tried, in order, when the tests run as root.
 _NON_ROOT_USERS = ("postgres", "nobody")
 _START_TIMEOUT_S = 30.0
@@ -60,11 +62,11 @@ def find_postgres_bin_dir() -> Path | None:
     return None
 
 
-def _run_as(user: str | None, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run ``argv``, as ``user`` through runuser when given (we are root), capturing output."""
     if user is not None:
         argv = ["runuser", "-u", user, "--", *argv]
-    return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
 def _service_user() -> str | None:
@@ -89,7 +91,6 @@ class PostgresServer:
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="marketplace-pg-")))
     superuser: str = "postgres"
     _user: str | None = field(default=None, init=False)
-    _running: bool = field(default=False, init=False)
 
     def url(self, database: str = "postgres") -> str:
         """SQLAlchemy URL of ``database`` on this server (psycopg2 driver)."""
@@ -97,6 +98,15 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         """initdb a fresh cluster into ``data_dir`` and start it, waiting until it accepts connections."""
+        try:
+            self._init_and_start()
+        except BaseException:
+            self.stop()  # leave no data directory (or half-started server) behind
+            raise
+        return self
+
+    def _init_and_start(self) -> None:
+        """initdb as the service user, then pg_ctl start on our port with the socket in our folder."""
         self._user = _service_user()
         if self._user is not None:
             # mkdtemp makes the folder 0700 for root; hand it to the account that runs the server.
@@ -118,15 +128,12 @@ class PostgresServer:
              str(self.data_dir / "server.log"), "-w", "-t", str(int(_START_TIMEOUT_S)), "start"],
         )
         if started.returncode != 0:
-            log = (self.data_dir / "server.log").read_text(errors="replace") if (self.data_dir / "server.log").exists() else ""
+            log_file = self.data_dir / "server.log"
+            log = log_file.read_text(errors="replace") if log_file.exists() else ""
             raise ServiceError(f"pg_ctl start on port {self.port} failed:\n{started.stdout}{started.stderr}\n{log}")
-        self._running = True
-        return self
 
     def create_database(self, name: str) -> str:
         """Create an empty database ``name`` and return its SQLAlchemy URL."""
-        import psycopg2
-
         conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.superuser, dbname="postgres")
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
@@ -137,16 +144,18 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown) and delete its data directory."""
-        if self._running:
-            _run_as(self._user, [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir / "cluster"), "-m", "fast", "-w", "stop"])
-            self._running = False
+        """Stop the server (fast shutdown) if it runs, and delete its data directory."""
+        cluster = self.data_dir / "cluster"
+        # The pid file, not a flag: a start that timed out may still have left a server running.
+        if (cluster / "postmaster.pid").exists():
+            _run_as(self._user, [str(self.bin_dir / "pg_ctl"), "-D", str(cluster), "-m", "fast", "-w", "stop"])
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
 
@@ -174,8 +183,10 @@ class MotoS3Server:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                err = self._log.read_text(errors="replace")
-                raise ServiceError(f"moto server on port {self.port} exited with {self._process.returncode}:\n{err}")
+                error = ServiceError(f"moto server on port {self.port} exited with {self._process.returncode}:\n"
+                                     f"{self._log.read_text(errors='replace')}")
+                self.stop()
+                raise error
             try:
                 with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
                     return self
@@ -200,5 +211,6 @@ class MotoS3Server:
     def __enter__(self) -> MotoS3Server:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()

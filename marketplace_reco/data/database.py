@@ -95,7 +95,8 @@ def _read_table(engine: Engine, table: Table) -> pd.DataFrame:
             result = conn.execute(select(table).order_by(table.c.id))
             frame = pd.DataFrame(result.all(), columns=list(result.keys()))
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read table {table.name!r} from database {shown}: {describe_db_error(exc)}") from exc
+        reason = describe_db_error(exc)
+        raise DatabaseError(f"cannot read table {table.name!r} from database {shown}: {reason}") from exc
     frame["create_time"] = pd.to_datetime(frame["create_time"])
     return frame
 

@@ -66,8 +66,13 @@ class CorruptImageError(DataError):
 class ImageTooLargeError(DataError):
     """An image with more pixels than allowed (decompression-bomb guard)."""
 
-    def __init__(self, source: str, pixels: int, max_pixels: int) -> None:
-        super().__init__(f"image {source} has {pixels:,} pixels, more than the limit of {max_pixels:,}")
+    def __init__(self, source: str, pixels: int | None, max_pixels: int) -> None:
+        if pixels is None:
+            message = (f"image {source} is too large: PIL refused it as a possible decompression bomb "
+                       f"(limit here: {max_pixels:,} pixels)")
+        else:
+            message = f"image {source} has {pixels:,} pixels, more than the limit of {max_pixels:,}"
+        super().__init__(message)
         self.source = source
         self.pixels = pixels
         self.max_pixels = max_pixels

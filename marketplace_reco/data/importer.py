@@ -16,6 +16,7 @@ the report with its line number and reason.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from .database import describe_db_error, mask_url, open_engine
 from .errors import DatabaseError, ImportFileError
 from .schema import create_schema, images, products
+from .text import decode_bytes
 
 PRODUCT_COLUMNS = ("id", "product_name", "category", "product_description", "price", "location")
 PRODUCT_OPTIONAL_COLUMNS = ("page_id", "create_time")
@@ -95,12 +97,12 @@ class ImportReport:
             if not table.rejected:
                 continue
             lines.append(f"Rejected from {table.source}:")
-            for reason, count in Counter(_reason_kind(r.reason) for r in table.rejected).most_common():
-                lines.append(f"  {count:,} x {reason}")
             for row in table.rejected[:_SHOWN_REJECTS]:
                 lines.append(f"  line {row.line} (id {row.row_id or '-'}): {row.reason}")
             if len(table.rejected) > _SHOWN_REJECTS:
-                lines.append(f"  ... and {len(table.rejected) - _SHOWN_REJECTS:,} more")
+                lines.append(f"  ... and {len(table.rejected) - _SHOWN_REJECTS:,} more; by reason:")
+                for reason, count in Counter(_reason_kind(r.reason) for r in table.rejected).most_common():
+                    lines.append(f"    {count:,} x {reason}")
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -114,8 +116,8 @@ class ImportReport:
 
 
 def _reason_kind(reason: str) -> str:
-    """The reason without its row-specific values, to count rejections by kind."""
-    return re.sub(r"'[^']*'|\d+", "…", reason)
+    """The reason without its row-specific values (quoted ids and dates, line numbers), to count by kind."""
+    return re.sub(r"line \d+", "line N", re.sub(r"'[^']*'", "'...'", reason))
 
 
 @dataclass
@@ -135,13 +137,14 @@ def _read_records(path: Path) -> _Records:
     except OSError as exc:
         raise ImportFileError(f"cannot read CSV file {path}: {exc.strerror or exc}") from exc
     notes: list[str] = []
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         # Keep the rows: a few bad bytes in a description should not cost the listing.
-        text = raw.decode("utf-8-sig", errors="replace")
+        text = decode_bytes(raw)
         notes.append(f"{path.name}: not valid UTF-8 (first bad byte at offset {exc.start}); "
-                     "undecodable bytes were replaced by U+FFFD")
+                     "invalid bytes were read as Windows-1252")
     if "\x00" in text:
         notes.append(f"{path.name}: {text.count(chr(0)):,} NUL characters removed (databases cannot store them)")
         text = text.replace("\x00", "")
@@ -223,9 +226,10 @@ class _RowChecker:
         self.report.rejected.append(RejectedRow(line, row_id, reason))
 
 
-def _product_rows(records: _Records, report: TableReport, notes: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _product_rows(records: _Records, columns: dict[str, int], report: TableReport,
+                  notes: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Database rows from products.csv, and the line of every rejected id (to explain its images' rejection)."""
-    checker = _RowChecker(records, _column_positions(records, PRODUCT_COLUMNS, PRODUCT_OPTIONAL_COLUMNS), report)
+    checker = _RowChecker(records, columns, report)
     rows: list[dict[str, Any]] = []
     unparsable_prices: list[int] = []
     for line, values in checker.rows():
@@ -257,10 +261,10 @@ def _product_rows(records: _Records, report: TableReport, notes: list[str]) -> t
     return rows, rejected_lines
 
 
-def _image_rows(conn: Connection, records: _Records, report: TableReport, csv_products: set[str],
-                rejected_products: dict[str, int], products_file: str) -> list[dict[str, Any]]:
+def _image_rows(conn: Connection, records: _Records, columns: dict[str, int], report: TableReport,
+                csv_products: set[str], rejected_products: dict[str, int], products_file: str) -> list[dict[str, Any]]:
     """Database rows from images.csv; images whose product is neither imported nor in the database are rejected."""
-    checker = _RowChecker(records, _column_positions(records, IMAGE_COLUMNS), report)
+    checker = _RowChecker(records, columns, report)
     candidates = [(line, values, values["product_id"].strip()) for line, values in checker.rows()]
     known = csv_products | _existing_ids(
         conn, products, sorted({pid for _, _, pid in candidates if pid and pid not in csv_products}))
@@ -271,7 +275,8 @@ def _image_rows(conn: Connection, records: _Records, report: TableReport, csv_pr
             continue
         if product_id not in known:
             if product_id in rejected_products:
-                reason = f"its product {product_id!r} was rejected ({products_file} line {rejected_products[product_id]})"
+                line_of_product = rejected_products[product_id]
+                reason = f"its product {product_id!r} was rejected ({products_file} line {line_of_product})"
             else:
                 reason = f"product_id {product_id!r} is neither in {products_file} nor in the database"
             checker.reject(line, values["id"], reason)
@@ -336,6 +341,9 @@ def import_csv(products_csv: str | Path, images_csv: str | Path, db_url: str | N
     """
     product_records = _read_records(Path(products_csv))
     image_records = _read_records(Path(images_csv))
+    # Both headers are checked before the database is touched.
+    product_columns = _column_positions(product_records, PRODUCT_COLUMNS, PRODUCT_OPTIONAL_COLUMNS)
+    image_columns = _column_positions(image_records, IMAGE_COLUMNS)
     engine = open_engine(db_url, create=True)
     shown = mask_url(engine.url)
     report = ImportReport(
@@ -344,14 +352,14 @@ def import_csv(products_csv: str | Path, images_csv: str | Path, db_url: str | N
         images=TableReport("images", str(image_records.path)),
         notes=product_records.notes + image_records.notes,
     )
-    product_rows, rejected_products = _product_rows(product_records, report.products, report.notes)
+    product_rows, rejected_products = _product_rows(product_records, product_columns, report.products, report.notes)
     table = "products"
     try:
         create_schema(engine)
         with engine.begin() as conn:
             _upsert(conn, products, product_rows, report.products, progress)
-            image_rows = _image_rows(conn, image_records, report.images, {row["id"] for row in product_rows},
-                                     rejected_products, product_records.path.name)
+            image_rows = _image_rows(conn, image_records, image_columns, report.images,
+                                     {row["id"] for row in product_rows}, rejected_products, product_records.path.name)
             table = "images"
             _upsert(conn, images, image_rows, report.images, progress)
             for table_report, table_obj in ((report.products, products), (report.images, images)):

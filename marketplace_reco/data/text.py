@@ -9,15 +9,14 @@ Snowball stemmers); WordNet lemmatisation is optional and says how to install it
 
 from __future__ import annotations
 
+import codecs
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 from importlib import resources
 from typing import Any, Literal
-
-import nltk
-from nltk.stem import PorterStemmer, SnowballStemmer, WordNetLemmatizer
 
 from .errors import DataConfigError, MissingNLTKDataError
 
@@ -35,16 +34,35 @@ _VARIATION_SELECTORS = re.compile("[\ufe00-\ufe0f]")
 _WHITESPACE = re.compile(r"\s+")
 
 DEFAULT_TOKEN_PATTERN = r"[^\W_]+(?:'[^\W_]+)*"
+_WORD_CACHE_SIZE = 200_000
 Stemmer = Literal["snowball", "porter"]
 
 
+def _cp1252_fallback(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: decode the offending bytes as Windows-1252 (undefined ones as spaces)."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    bad = exc.object[exc.start: exc.end]
+    return bad.decode("cp1252", errors="replace").replace("\ufffd", " "), exc.end
+
+
+_CP1252_FALLBACK = "marketplace_reco.cp1252"
+codecs.register_error(_CP1252_FALLBACK, _cp1252_fallback)
+
+
+def decode_bytes(data: bytes) -> str:
+    """UTF-8 bytes to text, reading any invalid sequence as Windows-1252 instead of failing.
+
+    Exports that are not valid UTF-8 are nearly always Windows-1252 (``caf\\xe9`` -> ``café``), and
+    decoding only the invalid sequences that way keeps the valid UTF-8 around them intact.
+    """
+    return data.decode("utf-8", errors=_CP1252_FALLBACK)
+
+
 def _as_text(value: str | bytes | None) -> str:
-    """Text from a string, UTF-8 bytes (undecodable bytes dropped) or None."""
     if value is None:
         return ""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace").replace("\ufffd", " ")
-    return value
+    return decode_bytes(value) if isinstance(value, bytes) else value
 
 
 def _normalise(text: str) -> str:
@@ -81,6 +99,8 @@ def english_stop_words() -> tuple[str, ...]:
 
 def _require_wordnet() -> None:
     """Raise a clear error, at configuration time, when WordNet data is not installed."""
+    import nltk  # lazily, like below: importing nltk costs seconds (it pulls in scipy)
+
     try:
         nltk.data.find("corpora/wordnet")  # also finds corpora/wordnet.zip
     except LookupError as exc:
@@ -109,13 +129,15 @@ class TextPreprocessor:
 
     def __post_init__(self) -> None:
         if self.stemmer not in ("snowball", "porter", None):
-            raise DataConfigError(f"TextPreprocessor.stemmer must be 'snowball', 'porter' or None, not {self.stemmer!r}")
+            raise DataConfigError(
+                f"TextPreprocessor.stemmer must be 'snowball', 'porter' or None, not {self.stemmer!r}")
         if self.min_token_length < 1:
             raise DataConfigError(f"TextPreprocessor.min_token_length must be at least 1, not {self.min_token_length}")
         try:
             re.compile(self.token_pattern)
         except re.error as exc:
-            raise DataConfigError(f"TextPreprocessor.token_pattern {self.token_pattern!r} is not a regex: {exc}") from exc
+            raise DataConfigError(
+                f"TextPreprocessor.token_pattern {self.token_pattern!r} is not a regex: {exc}") from exc
         if self.lemmatize:
             _require_wordnet()
 
@@ -128,16 +150,22 @@ class TextPreprocessor:
         return frozenset(word.lower() for word in self.stop_words)
 
     @cached_property
-    def _stem(self) -> Any:
-        if self.stemmer == "snowball":
-            return SnowballStemmer("english").stem
-        if self.stemmer == "porter":
-            return PorterStemmer().stem
-        return None
+    def _stem(self) -> Callable[[str], str] | None:
+        if self.stemmer is None:
+            return None
+        from nltk.stem import PorterStemmer, SnowballStemmer
+
+        stem = SnowballStemmer("english").stem if self.stemmer == "snowball" else PorterStemmer().stem
+        # Listings repeat a small vocabulary; memoising makes stemming several times faster.
+        return lru_cache(maxsize=_WORD_CACHE_SIZE)(stem)
 
     @cached_property
-    def _lemmatize(self) -> Any:
-        return WordNetLemmatizer().lemmatize if self.lemmatize else None
+    def _lemmatize(self) -> Callable[[str], str] | None:
+        if not self.lemmatize:
+            return None
+        from nltk.stem import WordNetLemmatizer
+
+        return lru_cache(maxsize=_WORD_CACHE_SIZE)(WordNetLemmatizer().lemmatize)
 
     def tokenize(self, text: str) -> list[str]:
         """Tokens of ``text`` (pass it through ``clean_listing_text`` first for raw listings)."""

@@ -2,7 +2,7 @@
 
 from . import fusion, hog_svm, image_classifier, text_cnn, word2vec  # noqa: F401  (registers the model types)
 from .checkpoint import CheckpointMixin, TorchCheckpointMixin
-from .errors import CheckpointError, CheckpointNotFoundError, HubError, UnknownModelTypeError
+from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
 from .registry import create_model, list_models, load_model, register_model
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointMixin",
     "CheckpointNotFoundError",
     "HubError",
+    "ModelConfigError",
     "TorchCheckpointMixin",
     "UnknownModelTypeError",
     "create_model",

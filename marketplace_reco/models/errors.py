@@ -15,3 +15,7 @@ class CheckpointNotFoundError(CheckpointError):
 
 class HubError(CheckpointError):
     """A hub (local folder, S3 bucket, Hugging Face Hub) refused or failed a transfer."""
+
+
+class ModelConfigError(CheckpointError, ValueError):
+    """Invalid hyperparameters or training inputs for a model; the message names the parameter."""

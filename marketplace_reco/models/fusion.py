@@ -1,1 +1,278 @@
-"""Image + text fusion classifier."""
+"""Image + text fusion: a trained image classifier and text CNN, without their heads, feeding one new head.
+
+The checkpoint holds copies of both branches (the image model's backbone and feature layer, the text CNN's
+embedding, convolutions and feature layer), so it runs on its own; ``image_model``/``text_model`` in its
+config record which checkpoints (name and revision) they were copied from.
+
+Each branch's feature vector goes through its own LayerNorm, then both are concatenated and a dropout +
+linear head gives the classes. Branches are frozen by default: their features are computed once per photo
+and per text and cached, so training the head takes seconds. ``unfrozen`` fine-tunes a branch end to end
+with the head: the text CNN entirely (its embedding only if it was fine-tuned in the text model), the image
+branch as far as the image model trained it (its ``trainable_layers`` and feature layer; its frozen trunk
+stays frozen, and its outputs are still cached).
+
+Why the head beats both branches rather than copying the better one: the branches' features on the
+training split are overfit (the text CNN classifies its own training texts almost perfectly), so a head fit
+on them would learn to trust text alone. Two things counter that: per-branch LayerNorm puts both feature
+vectors on the same scale, and modality dropout hides one branch's features (zeroes them) for a random
+``modality_dropout`` share of the training samples each, so the head must also learn to classify from each
+branch alone, and combines them at test time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data.dataset import Marketplace
+from ..training.distributed import DistributedContext, single_process_context, wrap_model
+from ..training.feature_cache import FeatureCache, state_fingerprint
+from ..training.image_data import CachedBatches, SplitPhotos, batch_loader, load_pixels, photo_chunks
+from ..training.loop import FitResult, fit
+from .checkpoint import _FORMAT_KEYS, TorchCheckpointMixin
+from .errors import ModelConfigError
+from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier, cache_trunk_outputs, one_cycle_adamw
+from .registry import register_model
+from .text_cnn import TextCNN
+
+BRANCHES = ("image", "text")
+
+
+def _init_arguments(model: TorchCheckpointMixin) -> dict[str, Any]:
+    """The arguments that rebuild ``model`` (its config without the format's own keys)."""
+    return {key: value for key, value in model.config.items() if key not in _FORMAT_KEYS}
+
+
+def _origin(model: TorchCheckpointMixin) -> dict[str, str]:
+    return {"name": model.source.get("name", "in memory"), "revision": model.source.get("revision", "")}
+
+
+@register_model("fusion")
+class FusionClassifier(nn.Module, TorchCheckpointMixin):
+    """Concatenated image and text features (LayerNorm per branch) -> dropout -> linear head."""
+
+    input_kind = "image+text"
+    description = ("Image + text fusion: the feature layers of a trained image classifier and text CNN, each "
+                   "LayerNorm-ed, concatenated, and classified by a linear head trained with modality dropout.")
+
+    def __init__(
+        self,
+        classes: list[str],
+        image_config: dict[str, Any],
+        text_config: dict[str, Any],
+        image_model: dict[str, str] | None = None,
+        text_model: dict[str, str] | None = None,
+        unfrozen: list[str] = (),  # type: ignore[assignment]  # a tuple keeps the default immutable
+        dropout: float = 0.3,
+        modality_dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        for kind, config in (("image", image_config), ("text", text_config)):
+            if list(config.get("classes", [])) != self.classes:
+                raise ModelConfigError(f"the {kind} branch's classes {config.get('classes')} differ from the "
+                                       f"fusion model's {self.classes}; train both branches on the same data")
+        unknown = sorted(set(unfrozen) - set(BRANCHES))
+        if unknown:
+            raise ModelConfigError(f"unfrozen: unknown branch(es) {unknown}; choose from {list(BRANCHES)}")
+        if not 0.0 <= modality_dropout <= 0.5:
+            raise ModelConfigError(f"modality_dropout must be between 0 and 0.5 (per branch), not {modality_dropout}")
+        self.unfrozen = list(unfrozen)
+        self.modality_dropout = modality_dropout
+        #: Where the branches were copied from ({"name", "revision"}), for the record.
+        self.image_model = image_model or {}
+        self.text_model = text_model or {}
+        # The trunk's weights come from the image model (or this checkpoint), never from a download.
+        self.image_branch = ImageClassifier(**{**image_config, "pretrained": False})
+        del self.image_branch.head
+        self.text_branch = TextCNN(**text_config)
+        del self.text_branch.classifier
+        for kind, branch in (("image", self.image_branch), ("text", self.text_branch)):
+            if kind not in self.unfrozen:
+                branch.requires_grad_(False)
+        image_dim = self.image_branch.feature[0].out_features
+        self.image_norm = nn.LayerNorm(image_dim)
+        self.text_norm = nn.LayerNorm(self.text_branch.feature_dim)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim + self.text_branch.feature_dim,
+                                                                  len(self.classes)))
+        self.train()
+
+    @classmethod
+    def from_branches(cls, image_model: ImageClassifier, text_model: TextCNN, *, unfrozen: Sequence[str] = (),
+                      **hyperparameters: Any) -> FusionClassifier:
+        """A new fusion model whose branches are copies of the trained models' weights (heads left out)."""
+        model = cls(image_model.classes, _init_arguments(image_model), _init_arguments(text_model),
+                    image_model=_origin(image_model), text_model=_origin(text_model), unfrozen=list(unfrozen),
+                    **hyperparameters)
+        model.image_branch.load_state_dict(
+            {k: v for k, v in image_model.state_dict().items() if not k.startswith("head.")}, strict=True)
+        model.text_branch.load_state_dict(
+            {k: v for k, v in text_model.state_dict().items() if not k.startswith("classifier.")}, strict=True)
+        return model
+
+    def train(self, mode: bool = True) -> FusionClassifier:
+        """Frozen branches always run as at inference (no dropout): their features are cached that way."""
+        super().train(mode)
+        for kind, branch in (("image", self.image_branch), ("text", self.text_branch)):
+            if kind not in self.unfrozen:
+                branch.eval()
+        return self
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def fuse(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Logits [n, n_classes] from the branches' feature vectors (modality dropout while training)."""
+        image = self.image_norm(image_features)
+        text = self.text_norm(text_features)
+        if self.training and self.modality_dropout > 0:
+            # One draw per sample: hide the image, hide the text, or (most often) keep both.
+            draw = torch.rand(len(image), 1, device=image.device)
+            image = image * (draw >= self.modality_dropout)
+            text = text * ((draw < self.modality_dropout) | (draw >= 2 * self.modality_dropout))
+        return self.head(torch.cat([image, text], dim=1))
+
+    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of normalised photos [n, 3, h, w] and their listings' token ids [n, length]."""
+        return self.fuse(self.image_branch.features(pixels), self.text_branch.features(token_ids))
+
+    def branch_fingerprint(self, kind: str) -> str:
+        """Hash of a branch's weights and input processing: the cache key of its feature vectors."""
+        if kind == "image":
+            return state_fingerprint(["image", self.image_branch.preprocessing], self.image_branch.state_dict())
+        return state_fingerprint(["text", self.text_branch.encoder.preprocessor.to_config(), self.text_branch.max_length],
+                                 self.text_branch.state_dict())
+
+    # ---- raw inputs -------------------------------------------------------------------------------
+    def predict_proba(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
+        """Class probabilities [n, n_classes] of ``images[i]`` with ``texts[i]`` (one photo per listing text)."""
+        if images is None or texts is None:
+            raise ModelConfigError("FusionClassifier.predict_proba needs both images=[...] and texts=[...]")
+        if len(images) != len(texts) or not len(images):
+            raise ModelConfigError(f"FusionClassifier.predict_proba needs one image per text and at least one of "
+                                   f"each, got {len(images)} image(s) and {len(texts)} text(s)")
+        device = self.head[1].weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                token_ids = torch.from_numpy(self.text_branch.encode(texts).ids)
+                chunks = []
+                for start in range(0, len(images), INFERENCE_BATCH_SIZE):
+                    stop = start + INFERENCE_BATCH_SIZE
+                    pixels = self.image_branch.preprocess(images[start:stop]).to(device)
+                    chunks.append(torch.softmax(self(pixels, token_ids[start:stop].to(device)), dim=1).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks).numpy()
+
+
+# ---- training and evaluation on a marketplace -----------------------------------------------------------
+class _FromParts(nn.Module):
+    """The fusion model as a module of cached inputs: image features or trunk outputs, text features or ids."""
+
+    def __init__(self, model: FusionClassifier, n_image_inputs: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_image_inputs = n_image_inputs
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        image_inputs, text_input = inputs[:self.n_image_inputs], inputs[self.n_image_inputs]
+        model = self.model
+        image = (model.image_branch.features_from_trunk(*image_inputs) if "image" in model.unfrozen
+                 else image_inputs[0])
+        text = model.text_branch.features(text_input) if "text" in model.unfrozen else text_input
+        return model.fuse(image, text)
+
+
+def _product_texts(split: Marketplace, product_ids: Sequence[str]) -> list[str]:
+    return split.products.set_index("product_id").loc[list(product_ids), "text"].tolist()
+
+
+def _image_parts(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
+                 name: str) -> tuple[tuple[str, list[str]], int]:
+    """Cache the image branch's inputs for ``photos``: feature vectors (frozen) or its trunk's outputs (unfrozen)."""
+    branch = model.image_branch
+    if "image" in model.unfrozen:
+        fingerprint = cache_trunk_outputs(branch, split.image_store, photos.image_ids, cache,
+                                          desc=f"image trunk ({name})")
+        return (fingerprint, photos.image_ids), len(branch.trunk_output_names)
+    fingerprint = model.branch_fingerprint("image")
+    device = branch.feature[0].weight.device
+
+    def compute(ids: list[str]) -> list[np.ndarray]:
+        pixels = branch.normalize(load_pixels(split.image_store, ids, branch.to_pixels, desc=None)).to(device)
+        return [branch.features(pixels).cpu().numpy()]
+
+    with torch.inference_mode():
+        cache.fill(fingerprint, photos.image_ids, compute, batch_size=INFERENCE_BATCH_SIZE,
+                   desc=f"image features ({name})")
+    return (fingerprint, photos.image_ids), 1
+
+
+def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
+                    name: str) -> tuple[CachedBatches, int]:
+    """One sample per photo: the photo with its product's text; frozen branches' features come from ``cache``."""
+    image_part, n_image_inputs = _image_parts(model, split, photos, cache, name)
+    texts = _product_texts(split, photos.image_products)
+    if "text" in model.unfrozen:
+        return CachedBatches(cache, [image_part], photos.image_labels,
+                             extra=[torch.from_numpy(model.text_branch.encode(texts).ids)]), n_image_inputs
+    fingerprint = model.branch_fingerprint("text")
+    products = list(dict.fromkeys(photos.image_products))
+    by_product = dict(zip(photos.image_products, texts))
+    cache.fill(fingerprint, products, lambda ids: [model.text_branch.extract_features([by_product[i] for i in ids])],
+               batch_size=256, desc=f"text features ({name})")
+    return CachedBatches(cache, [image_part, (fingerprint, list(photos.image_products))], photos.image_labels), n_image_inputs
+
+
+def train_fusion(
+    model: FusionClassifier,
+    train: Marketplace,
+    val: Marketplace,
+    *,
+    epochs: int = 30,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 5,
+    cache: FeatureCache | None = None,
+    seed: int = 0,
+    context: DistributedContext | None = None,
+) -> FitResult:
+    """Train the head (and any unfrozen branch) in place, one sample per photo with its product's text.
+
+    Frozen branches' feature vectors, and the image trunk's outputs of an unfrozen image branch, are
+    computed once and kept in ``cache`` (default: a new ``FeatureCache``). AdamW with a one-cycle LR
+    schedule, early stopping on validation loss; the model ends with its best epoch's weights. Under
+    torchrun pass the context from ``init_distributed()``: each rank trains on its own share of the photos.
+    """
+    context = context or single_process_context(model.head[1].weight.device)
+    model.to(context.device)
+    cache = cache if cache is not None else FeatureCache()
+    train_photos = SplitPhotos.from_split(train, "train").shard(context.rank, context.world_size, pad=True)
+    val_photos = SplitPhotos.from_split(val, "validation").shard(context.rank, context.world_size, pad=False)
+    train_set, n_image_inputs = _fusion_batches(model, train, train_photos, cache, "train")
+    val_set, _ = _fusion_batches(model, val, val_photos, cache, "validation")
+    train_loader = batch_loader(train_set, batch_size, shuffle=True, seed=seed + context.rank)
+    val_loader = batch_loader(val_set, batch_size, shuffle=False)
+    optimizer, scheduler = one_cycle_adamw(model, learning_rate, weight_decay, epochs * len(train_loader))
+    result = fit(wrap_model(_FromParts(model, n_image_inputs), context), train_loader, val_loader, epochs=epochs,
+                 optimizer=optimizer, scheduler=scheduler, patience=patience, monitor="val_loss", context=context,
+                 desc="fusion")
+    model.eval()
+    return result
+
+
+def evaluate_fusion(model: FusionClassifier, split: Marketplace, name: str = "test") -> dict[str, Any]:
+    """Held-out metrics per product (each photo with the product's text, probabilities averaged per product)."""
+    photos = SplitPhotos.from_split(split, name)
+    texts = _product_texts(split, photos.image_products)
+    chunks, start = [], 0
+    for images in photo_chunks(split.image_store, photos.image_ids, desc=f"predict {name}"):
+        chunks.append(model.predict_proba(images=images, texts=texts[start:start + len(images)]))
+        start += len(images)
+    return photos.evaluate(np.concatenate(chunks), model.classes, name)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import CheckpointError, UnknownModelTypeError
+from .errors import UnknownModelTypeError
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointMixin
@@ -54,12 +53,13 @@ def load_model(name_or_path: str, revision: str | None = None, **kwargs: Any) ->
 
     The folder's ``config.json`` names the model type, so the caller never needs to know it.
     """
+    from .checkpoint import CONFIG_FILE, read_config
     from .hub import resolve_checkpoint
 
     resolved = resolve_checkpoint(name_or_path, revision=revision)
-    config_path = resolved.folder / "config.json"
+    model_type = read_config(resolved.folder)["model_type"]
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8"))["model_type"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{config_path}: cannot read the model type ({exc})") from exc
-    return model_class(model_type).from_pretrained(resolved, **kwargs)
+        cls = model_class(model_type)
+    except UnknownModelTypeError as exc:
+        raise UnknownModelTypeError(f"{resolved.folder / CONFIG_FILE}: {exc}") from None
+    return cls.from_pretrained(resolved, **kwargs)

@@ -1,1 +1,234 @@
-"""Text CNN over word2vec embeddings."""
+"""Text CNN over word2vec embeddings (Kim, 2014): convolutions of several widths, max-pooled over time.
+
+token ids -> embedding (word2vec vectors, frozen or fine-tuned) -> one Conv1d + ReLU per kernel width ->
+max over time -> dropout -> feature layer (Linear + ReLU, reused by the fusion model) -> dropout -> classes.
+
+The checkpoint is self-contained: the embedding matrix is in its ``model.safetensors`` and the
+vocabulary, text preprocessing and maximum length in its ``config.json``, so ``load_model`` alone
+predicts from raw text. Padding never changes a prediction: inputs are trimmed to the longest text of
+the batch and windows that reach into the padding are masked out of the max-pooling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from ..training.distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
+from ..training.loop import FitResult, fit
+from .checkpoint import TorchCheckpointMixin
+from .registry import register_model
+from .word2vec import PAD_INDEX, EncodedTexts, TokenEncoder, Word2VecEmbedding
+
+# Inference batch size: bounds memory for long lists without slowing short ones.
+_PREDICT_BATCH = 256
+# Training batches are formed within runs of this many batches sorted by length.
+_BUCKET_BATCHES = 50
+
+
+@register_model("text-cnn")
+class TextCNN(nn.Module, TorchCheckpointMixin):
+    """Convolutional text classifier over a word2vec embedding, with a reusable feature layer."""
+
+    input_kind = "text"
+    description = (
+        "Text CNN: word2vec embedding, convolutions of several widths max-pooled over time, dropout, a "
+        "feature layer and a linear classifier over the cleaned listing name and description."
+    )
+
+    def __init__(
+        self,
+        classes: list[str],
+        vocabulary: list[str],
+        preprocessing: dict[str, Any],
+        embedding_dim: int = 128,
+        max_length: int = 256,
+        kernel_sizes: list[int] = (1, 2, 3, 5),  # type: ignore[assignment]  # a tuple keeps the default immutable
+        num_filters: int = 128,
+        feature_dim: int = 256,
+        dropout: float = 0.5,
+        fine_tune_embedding: bool = False,
+        word2vec: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not classes:
+            raise ValueError("TextCNN needs at least one class")
+        if max_length < 1 or not kernel_sizes or min(kernel_sizes) < 1:
+            raise ValueError(f"TextCNN: max_length and kernel sizes must be positive, got {max_length}, {kernel_sizes}")
+        self.classes = list(classes)
+        self.max_length = max_length
+        self.kernel_sizes = list(kernel_sizes)
+        #: The word2vec checkpoint the embedding was initialised from ({"name", "revision"}), for the record.
+        self.word2vec = word2vec or {}
+        self.encoder = TokenEncoder(vocabulary, preprocessing)
+        self.embedding = nn.Embedding(len(vocabulary), embedding_dim, padding_idx=PAD_INDEX)
+        self.embedding.weight.requires_grad_(fine_tune_embedding)
+        self.convs = nn.ModuleList(nn.Conv1d(embedding_dim, num_filters, width) for width in self.kernel_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.feature = nn.Linear(num_filters * len(self.kernel_sizes), feature_dim)
+        self.classifier = nn.Linear(feature_dim, len(self.classes))
+        self.feature_dim = feature_dim
+
+    @classmethod
+    def from_word2vec(cls, embedding: Word2VecEmbedding, classes: Sequence[str], **hyperparameters: Any) -> TextCNN:
+        """A new classifier whose embedding starts as (a copy of) ``embedding``'s vectors and vocabulary."""
+        model = cls(
+            classes=list(classes),
+            vocabulary=embedding.vocabulary,
+            preprocessing=embedding.preprocessing,
+            embedding_dim=embedding.dim,
+            word2vec={"name": embedding.source.get("name", "in memory"),
+                      "revision": embedding.source.get("revision", "")},
+            **hyperparameters,
+        )
+        with torch.no_grad():
+            model.embedding.weight.copy_(torch.from_numpy(embedding.vectors))
+        return model
+
+    # ---- tensors ---------------------------------------------------------------------------------
+    def _trim(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop padding columns beyond the longest text (at least as wide as the widest kernel); lengths."""
+        lengths = (token_ids != PAD_INDEX).sum(dim=1)
+        width = max(int(lengths.max()) if len(lengths) else 0, max(self.kernel_sizes))
+        if token_ids.shape[1] >= width:
+            return token_ids[:, :width], lengths
+        return F.pad(token_ids, (0, width - token_ids.shape[1]), value=PAD_INDEX), lengths
+
+    def features(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[n, feature_dim] feature-layer activations of [n, length] token ids (trailing padding)."""
+        token_ids, lengths = self._trim(token_ids)
+        embedded = self.embedding(token_ids).transpose(1, 2)  # [n, dim, length]
+        pooled = []
+        for width, conv in zip(self.kernel_sizes, self.convs, strict=True):
+            activations = F.relu(conv(embedded))  # [n, filters, length - width + 1]
+            starts = torch.arange(activations.shape[2], device=token_ids.device)
+            # A window counts if it lies inside the text; a text shorter than the kernel keeps its first window.
+            inside = (starts[None, :] + width <= lengths[:, None]) | (starts[None, :] == 0)
+            # ReLU outputs are >= 0, so a masked 0 never wins the max over a real window.
+            pooled.append(activations.masked_fill(~inside[:, None, :], 0.0).amax(dim=2))
+        return F.relu(self.feature(self.dropout(torch.cat(pooled, dim=1))))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[n, n_classes] logits of [n, length] token ids."""
+        return self.classifier(self.dropout(self.features(token_ids)))
+
+    # ---- raw text ----------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> EncodedTexts:
+        """Token ids (truncated/padded to ``max_length``) and known-token counts of raw texts."""
+        return self.encoder.encode(texts, self.max_length)
+
+    def known_token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """[n] how many tokens of each text are in the vocabulary; 0 means the prediction rests on no known word."""
+        return self.encode(texts).known
+
+    def _batched(self, texts: Sequence[str], function: Any) -> np.ndarray:
+        """``function`` over the encoded texts in inference mode, in batches, as one numpy array."""
+        ids = torch.from_numpy(self.encode(texts).ids)
+        device = self.embedding.weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                # At least one call, so an empty list of texts still gives a [0, width] array.
+                outputs = [function(ids[start: start + _PREDICT_BATCH].to(device)).float().cpu()
+                           for start in range(0, max(len(ids), 1), _PREDICT_BATCH)]
+        finally:
+            self.train(was_training)
+        return torch.cat(outputs).numpy()
+
+    def _proba(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self(token_ids), dim=1)
+
+    def extract_features(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, feature_dim] feature-layer activations of raw texts (the text half of the fusion model's input)."""
+        return self._batched(texts, self.features)
+
+    def predict_proba(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
+        """[n, n_classes] class probabilities of raw texts; an empty or all-unknown text still gets a row."""
+        if texts is None:
+            raise ValueError("TextCNN.predict_proba needs texts=[...]; this model does not use images")
+        return self._batched(texts, self._proba)
+
+
+class _LengthBucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length texts drawn from a (possibly sharded) shuffled sampler.
+
+    Each run of ``batch_size * _BUCKET_BATCHES`` indices is sorted by length, cut into batches and the
+    batches shuffled, so a batch is padded to its own longest text rather than to one of the rare very long
+    listings, which makes an epoch several times cheaper. Every rank gets the same number of batches.
+    """
+
+    def __init__(self, sampler: Sampler[int], lengths: np.ndarray, batch_size: int, seed: int) -> None:
+        self.sampler = sampler
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        indices = list(self.sampler)
+        chunk = self.batch_size * _BUCKET_BATCHES
+        for start in range(0, len(indices), chunk):
+            ordered = sorted(indices[start: start + chunk], key=lambda i: self.lengths[i])
+            batches = [ordered[i: i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+            for b in rng.permutation(len(batches)):
+                yield batches[b]
+
+    def __len__(self) -> int:
+        n, chunk = len(self.sampler), self.batch_size * _BUCKET_BATCHES  # type: ignore[arg-type]
+        return (n // chunk) * _BUCKET_BATCHES + math.ceil((n % chunk) / self.batch_size)
+
+
+def _loader(ids: np.ndarray, labels: np.ndarray, batch_size: int, context: DistributedContext, *, shuffle: bool,
+            seed: int) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(ids), torch.as_tensor(labels, dtype=torch.long))
+    sampler = shard_sampler(dataset, context, shuffle=shuffle, seed=seed)
+    lengths = (ids != PAD_INDEX).sum(axis=1)
+    return DataLoader(dataset, batch_sampler=_LengthBucketBatchSampler(sampler, lengths, batch_size, seed))
+
+
+def train_text_cnn(
+    model: TextCNN,
+    train_texts: Sequence[str],
+    train_labels: np.ndarray,
+    val_texts: Sequence[str],
+    val_labels: np.ndarray,
+    *,
+    epochs: int = 15,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 0.01,
+    patience: int = 4,
+    seed: int = 0,
+    context: DistributedContext | None = None,
+) -> FitResult:
+    """Train ``model`` in place: AdamW, one-cycle LR schedule, early stopping on validation accuracy.
+
+    The model ends with the weights of its best validation epoch. Under torchrun pass the context from
+    ``init_distributed()``: each rank trains on its shard and DDP averages the gradients.
+    """
+    context = context or single_process_context(model.embedding.weight.device)
+    train = _loader(model.encode(train_texts).ids, train_labels, batch_size, context, shuffle=True, seed=seed)
+    val = _loader(model.encode(val_texts).ids, val_labels, batch_size, context, shuffle=False, seed=seed)
+    wrapped = wrap_model(model, context)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
+                                                    total_steps=epochs * len(train))
+    result = fit(wrapped, train, val, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
+                 patience=patience, monitor="val_accuracy", context=context, desc="text-cnn")
+    model.eval()
+    return result

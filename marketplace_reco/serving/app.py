@@ -1,0 +1,91 @@
+"""The FastAPI application: routers, shared state, JSON errors, metrics, body limit and model lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .errors import ApiError, error_response
+from .limits import BodyLimitMiddleware
+from .metrics import Metrics, MetricsMiddleware
+from .pool import ModelPool
+from .routers import health, models, predict
+from .settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """Predicts the root category of a second-hand marketplace listing from its photo (`/image`),
+its text (`/text`) or both (`/combined`). Every error is JSON: `{"error": {"code": ..., "message": ...}}`."""
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status_code, exc.code, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    message = f"no endpoint {request.method} {request.url.path}" if status == HTTPStatus.NOT_FOUND else str(exc.detail)
+    return error_response(status, code, message, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Only where and what: echoing the input back could return a whole upload.
+    details = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+    message = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in details)
+    return error_response(422, "invalid_request", message, details=jsonable_encoder(details))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+
+def create_app(settings: ServingSettings | None = None) -> FastAPI:
+    """The service for ``settings`` (default: from the environment); models load when it starts."""
+    settings = settings or ServingSettings()
+    if not settings.endpoint_models() and not settings.extra_models:
+        raise ValueError("no model to serve: set MARKETPLACE_IMAGE_MODEL, MARKETPLACE_TEXT_MODEL "
+                         "and/or MARKETPLACE_COMBINED_MODEL (checkpoint names, folders, s3:// or hub ids)")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Process-wide and deliberate: torch's default may oversubscribe the cores the event loop needs.
+        torch.set_num_threads(settings.resolved_torch_threads())
+        pool = ModelPool(settings, metrics)
+        app.state.pool = pool
+        pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="marketplace_reco", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    # Last added runs first: metrics also count the 413s of the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    return app

@@ -1,0 +1,116 @@
+"""Micro-batching: concurrent requests for one model are gathered into one model call.
+
+Each request puts its inputs on the model's queue and awaits a future. One worker task per model takes
+the first waiting input, waits at most ``max_wait_s`` for up to ``max_batch_size`` inputs, and runs the
+batch in a thread pool, so the event loop keeps accepting and parsing requests meanwhile. While a batch
+runs, new inputs queue up, so under load the next batch starts full without waiting at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was stopped (server shutting down) before the input was processed."""
+
+
+class MicroBatcher(Generic[T, R]):
+    """Gathers single inputs into batches for ``process(list[T]) -> Sequence[R]`` (one result per input)."""
+
+    def __init__(self, process: Callable[[list[T]], Sequence[R]], *, executor: Executor, max_batch_size: int,
+                 max_wait_s: float, on_batch: Callable[[int, float], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        self._process = process
+        self._executor = executor
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the worker; inputs still waiting fail with ``BatcherClosedError``."""
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        waiting = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        _fail(waiting, BatcherClosedError("the server is shutting down"))
+
+    async def submit(self, item: T) -> R:
+        """The result for one input, computed in some batch."""
+        return (await self.submit_many([item]))[0]
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """Results for several inputs, in order; they may be spread over several batches."""
+        if self._worker is None:
+            raise BatcherClosedError("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future: asyncio.Future[R] = loop.create_future()
+            self._queue.put_nowait((item, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _next_batch(self) -> list[tuple[T, asyncio.Future[R]]]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self._max_wait_s
+        while len(batch) < self._max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # A future is already done when its request was cancelled (client gone): skip that input.
+            batch = [(item, future) for item, future in await self._next_batch() if not future.done()]
+            if not batch:
+                continue
+            started = loop.time()
+            try:
+                results = await loop.run_in_executor(self._executor, self._process, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} inputs")
+            except asyncio.CancelledError:
+                _fail(batch, BatcherClosedError("the server is shutting down"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - the failure belongs to the waiting requests, not the worker
+                _fail(batch, exc)
+            else:
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), loop.time() - started)
+
+
+def _fail(batch: Sequence[tuple[object, asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

@@ -1,0 +1,102 @@
+"""Prediction endpoints: ``/image``, ``/text``, ``/combined`` and their ``/batch`` variants."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel
+
+from ..dependencies import PoolDep
+from ..inputs import PredictInputs, form_inputs, text_inputs
+from ..schemas import BatchPrediction, ErrorResponse, Prediction, TextBatchRequest, TextRequest
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "an image that does not decode"),
+        (404, "no such model on this server"),
+        (413, "request body or image larger than allowed"),
+        (415, "a body or file of the wrong media type"),
+        (422, "a missing field, an empty text, or inputs the model does not take"),
+        (503, "the model is still loading"),
+    )
+}
+
+router = APIRouter(tags=["predict"], responses=_ERRORS)
+
+ModelQuery = Annotated[str | None, Query(description="answer with this served model instead of the endpoint's own")]
+
+
+def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[BaseModel] | None = None
+                  ) -> dict[str, Any]:
+    """OpenAPI request body: the inputs are read by a dependency, so FastAPI cannot infer them."""
+
+    def field(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "array", "items": schema} if batch else schema
+
+    properties = {}
+    if images:
+        properties["image"] = field({"type": "string", "format": "binary", "description": "the photo ('img' works too)"})
+    if texts:
+        properties["text"] = field({"type": "string", "description": "the listing text ('txt' works too)"})
+    form = {"schema": {"type": "object", "properties": properties, "required": list(properties)}}
+    content = {"multipart/form-data": form}
+    if json_model is not None:
+        content["application/json"] = {"schema": json_model.model_json_schema()}
+    if not images:
+        content["application/x-www-form-urlencoded"] = form
+    return {"requestBody": {"required": True, "content": content}}
+
+
+@router.post("/image", response_model=Prediction, summary="Category of a listing from its photo",
+             openapi_extra=_request_body(images=True, texts=False, batch=False))
+async def predict_image(
+    inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=False))],
+    pool: PoolDep, model: ModelQuery = None,
+) -> Prediction:
+    return (await pool.predict("image", inputs.images, inputs.texts, model))[0]
+
+
+@router.post("/image/batch", response_model=BatchPrediction, summary="Categories of several photos",
+             openapi_extra=_request_body(images=True, texts=False, batch=True))
+async def predict_image_batch(
+    inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=True))],
+    pool: PoolDep, model: ModelQuery = None,
+) -> BatchPrediction:
+    return BatchPrediction(predictions=await pool.predict("image", inputs.images, inputs.texts, model))
+
+
+@router.post("/text", response_model=Prediction, summary="Category of a listing from its text",
+             openapi_extra=_request_body(images=False, texts=True, batch=False, json_model=TextRequest))
+async def predict_text(
+    inputs: Annotated[PredictInputs, Depends(text_inputs(batch=False))], pool: PoolDep, model: ModelQuery = None,
+) -> Prediction:
+    return (await pool.predict("text", inputs.images, inputs.texts, model))[0]
+
+
+@router.post("/text/batch", response_model=BatchPrediction, summary="Categories of several texts",
+             openapi_extra=_request_body(images=False, texts=True, batch=True, json_model=TextBatchRequest))
+async def predict_text_batch(
+    inputs: Annotated[PredictInputs, Depends(text_inputs(batch=True))], pool: PoolDep, model: ModelQuery = None,
+) -> BatchPrediction:
+    return BatchPrediction(predictions=await pool.predict("text", inputs.images, inputs.texts, model))
+
+
+@router.post("/combined", response_model=Prediction, summary="Category of a listing from its photo and text",
+             openapi_extra=_request_body(images=True, texts=True, batch=False))
+async def predict_combined(
+    inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=False))],
+    pool: PoolDep, model: ModelQuery = None,
+) -> Prediction:
+    return (await pool.predict("combined", inputs.images, inputs.texts, model))[0]
+
+
+@router.post("/combined/batch", response_model=BatchPrediction,
+             summary="Categories of several listings: the i-th photo goes with the i-th text",
+             openapi_extra=_request_body(images=True, texts=True, batch=True))
+async def predict_combined_batch(
+    inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=True))],
+    pool: PoolDep, model: ModelQuery = None,
+) -> BatchPrediction:
+    return BatchPrediction(predictions=await pool.predict("combined", inputs.images, inputs.texts, model))

@@ -1,0 +1,77 @@
+"""Request and response bodies of the HTTP API (and the ``Prediction`` the Python predictor returns)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, Field
+
+
+class Prediction(BaseModel):
+    """One answer: the most probable class, every class ranked, and the model that answered."""
+
+    pred: str = Field(description="the most probable class")
+    classes: list[str] = Field(description="every class, most probable first")
+    probabilities: dict[str, float] = Field(description="class -> probability, most probable first")
+    model: str = Field(description="name of the model that answered")
+    revision: str = Field(description="revision of that model's checkpoint")
+    known_tokens: int | None = Field(
+        None, description="words of the text the model knows (text models only); 0 means the text told it nothing"
+    )
+    warning: str | None = Field(None, description="set when the answer rests on less than the inputs suggest")
+
+
+class BatchPrediction(BaseModel):
+    """One prediction per input, in the order the inputs were sent."""
+
+    predictions: list[Prediction]
+
+
+class TextRequest(BaseModel):
+    """JSON body of ``POST /text``; the original service's clients send ``txt``."""
+
+    text: str = Field(validation_alias=AliasChoices("text", "txt"), description="the listing's title and description")
+
+
+class TextBatchRequest(BaseModel):
+    """JSON body of ``POST /text/batch``."""
+
+    texts: list[str] = Field(min_length=1, validation_alias=AliasChoices("texts", "txts"))
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. 'bad_image', 'unknown_model'")
+    message: str = Field(description="what was wrong, for a person")
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems of a 422")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+class ModelInfo(BaseModel):
+    """What a served model is and how well it did."""
+
+    name: str
+    revision: str
+    model_type: str
+    input_kind: str
+    endpoints: list[str] = Field(description="the prediction endpoints this model answers by default")
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="model name -> 'loading', 'ready' or 'failed: <reason>'")

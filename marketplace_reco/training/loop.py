@@ -1,0 +1,157 @@
+"""The torch training loop shared by every torch model: early stopping, LR schedule, tqdm, best state kept.
+
+``fit`` works the same in one process and under torchrun: pass a DDP-wrapped model (``distributed.wrap_model``)
+and loaders whose samplers come from ``distributed.shard_sampler``; losses and accuracies are summed over
+all ranks before any decision, so every rank stops at the same epoch and restores the same best state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from tqdm.auto import tqdm
+
+from .distributed import DistributedContext, all_reduce_sum, single_process_context, unwrap_model
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Monitor = Literal["val_loss", "val_accuracy"]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` leaves behind; the model itself already holds ``best_state``."""
+
+    #: One row per epoch: epoch, train_loss, val_loss, val_accuracy, lr, seconds.
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    #: True when patience ran out before ``epochs``.
+    stopped_early: bool
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    return tuple(_to_device(item, device) for item in inputs)
+
+
+def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """A batch's inputs are one tensor or a tuple of tensors (several model inputs)."""
+    return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
+
+
+def _validate(
+    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, context: DistributedContext
+) -> tuple[float, float]:
+    """Mean loss and accuracy over the whole validation set (all ranks' shards together)."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    with torch.inference_mode():
+        for inputs, targets in loader:
+            targets = targets.to(context.device, non_blocking=True)
+            logits = _forward(model, _to_device(inputs, context.device))
+            loss_sum += float(loss_fn(logits, targets)) * len(targets)
+            correct += float((logits.argmax(dim=1) == targets).sum())
+            count += len(targets)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], context)
+    if count == 0:
+        raise ValueError("fit: the validation loader yielded no samples; early stopping needs a validation set")
+    return loss_sum / count, correct / count
+
+
+def _improved(value: float, best: float, monitor: Monitor) -> bool:
+    return value < best if monitor == "val_loss" else value > best
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    *,
+    epochs: int,
+    optimizer: Optimizer,
+    scheduler: LRScheduler | ReduceLROnPlateau | None = None,
+    scheduler_interval: Literal["batch", "epoch"] = "batch",
+    loss_fn: LossFn = nn.functional.cross_entropy,
+    patience: int = 3,
+    monitor: Monitor = "val_loss",
+    context: DistributedContext | None = None,
+    desc: str = "training",
+) -> FitResult:
+    """Train ``model`` for up to ``epochs``, stopping after ``patience`` epochs without a better ``monitor``.
+
+    Batches are ``(inputs, targets)`` where ``inputs`` is a tensor or a tuple of tensors passed as
+    positional arguments. ``scheduler`` steps after every batch (``"batch"``, e.g. OneCycleLR) or every
+    epoch (``"epoch"``); a ``ReduceLROnPlateau`` is stepped with the monitored value. At the end the best
+    epoch's weights are loaded back into the model. ``context`` (default: one process on the model's
+    device) says which rank shows the progress bars.
+    """
+    if epochs < 1 or patience < 1:
+        raise ValueError(f"fit: epochs and patience must be at least 1, got epochs={epochs}, patience={patience}")
+    context = context or single_process_context(next(model.parameters()).device)
+    module = unwrap_model(model)
+    # A DataLoader's sampler, or its batch sampler, may need telling the epoch (DistributedSampler does).
+    samplers = [s for s in (getattr(train_loader, "sampler", None), getattr(train_loader, "batch_sampler", None))
+                if hasattr(s, "set_epoch")]
+    best_value = math.inf if monitor == "val_loss" else -math.inf
+    best_state = {key: value.detach().clone() for key, value in module.state_dict().items()}
+    best_epoch, stale = 0, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        for sampler in samplers:
+            sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank
+        model.train()
+        loss_sum = count = 0.0
+        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not context.is_main)
+        for inputs, targets in bar:
+            targets = targets.to(context.device, non_blocking=True)
+            loss = loss_fn(_forward(model, _to_device(inputs, context.device)), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None and scheduler_interval == "batch":
+                scheduler.step()
+            loss_sum += float(loss.detach()) * len(targets)
+            count += len(targets)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+        loss_sum, count = all_reduce_sum([loss_sum, count], context)
+        val_loss, val_accuracy = _validate(model, val_loader, loss_fn, context)
+        monitored = val_loss if monitor == "val_loss" else val_accuracy
+        if scheduler is not None and scheduler_interval == "epoch":
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(monitored)
+            else:
+                scheduler.step()
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(count, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        if _improved(monitored, best_value, monitor):
+            best_value, best_epoch, stale = monitored, epoch, 0
+            best_state = {key: value.detach().clone() for key, value in module.state_dict().items()}
+            mark = " *"
+        else:
+            stale += 1
+            mark = ""
+        if context.is_main:
+            tqdm.write(f"{desc} epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f}  val_loss {val_loss:.4f}  "
+                       f"val_accuracy {val_accuracy:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s{mark}")
+        if stale >= patience:
+            break
+    module.load_state_dict(best_state)
+    return FitResult(history=history, best_epoch=best_epoch, best_state=best_state,
+                     stopped_early=len(history) < epochs)

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Serving benchmark: throughput and latency over HTTP against the in-process batched throughput of the same models.
+
+1. In process: each model predicts the sample listings (encoded photos and texts, decoding included) in
+   batches of ``--max-batch-size``, as fast as it can.
+2. Over HTTP: ``scripts/serve.py`` is started as a separate process on a loopback port, and many concurrent
+   clients send one listing per request to ``/image``, ``/text`` and ``/combined``.
+Prints a table, writes ``reports/bench_serving.md`` and exits with 1 unless the bars hold: served throughput
+at least 0.8 of in-process for /image and /combined, no errors, /text p50 under 20 ms.
+
+    python scripts/bench_serving.py                       # checkpoints image-classifier, text-cnn, fusion
+    python scripts/bench_serving.py --requests 2000 --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from marketplace_reco.data.dataset import load_marketplace
+from marketplace_reco.serving import Predictor, ServingSettings
+from marketplace_reco.settings import reports_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve.py"
+MIN_REQUESTS = 1000
+SERVED_RATIO_BAR = 0.8
+TEXT_P50_BAR_MS = 20.0
+_READY_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Listing:
+    photo: bytes
+    text: str
+
+
+@dataclass
+class Run:
+    endpoint: str
+    requests: int
+    errors: int
+    concurrency: int
+    seconds: float
+    latencies_ms: np.ndarray
+    in_process_per_s: float
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+    @property
+    def ratio(self) -> float:
+        return self.throughput / self.in_process_per_s
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image-model", default="image-classifier", help="model behind /image (default: %(default)s)")
+    parser.add_argument("--text-model", default="text-cnn", help="model behind /text (default: %(default)s)")
+    parser.add_argument("--combined-model", default="fusion", help="model behind /combined (default: %(default)s)")
+    parser.add_argument("--checkpoints", type=Path, default=None, help="checkpoints folder (MARKETPLACE_CHECKPOINTS)")
+    parser.add_argument("--db-url", default=None, help="listings to send (default: the embedded sample database)")
+    parser.add_argument("--images", default=None, help="their photos: folder or s3://bucket/prefix")
+    parser.add_argument("--listings", type=int, default=64, help="distinct listings cycled through (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=MIN_REQUESTS, help="requests per endpoint (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="concurrent clients for /image and /combined (default: %(default)s)")
+    parser.add_argument("--text-concurrency", type=int, default=8,
+                        help="concurrent clients for /text (default: %(default)s)")
+    defaults = ServingSettings()
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-batch-wait-ms", type=float, default=defaults.max_batch_wait_ms)
+    parser.add_argument("--torch-threads", type=int, default=defaults.resolved_torch_threads(),
+                        help="torch threads, in process and in the server (default: %(default)s)")
+    parser.add_argument("--report", type=Path, default=None, help="default: <reports>/bench_serving.md")
+    return parser
+
+
+def _listings(args: argparse.Namespace) -> list[Listing]:
+    marketplace = load_marketplace(args.db_url, args.images)
+    products = marketplace.products.head(args.listings)
+    image_ids = [ids[0] for ids in products["image_ids"]]
+    photos = marketplace.image_store.get_many(image_ids)
+    return [Listing(photos[image_id], text) for image_id, text in zip(image_ids, products["text"])]
+
+
+def _in_process_per_s(predictor: Predictor, listings: list[Listing], batch_size: int, n_inputs: int) -> float:
+    """Inputs per second of ``predict_batch`` (decoding included) in batches of ``batch_size``."""
+    inputs = [listings[i % len(listings)] for i in range(n_inputs)]
+    predictor.predict_batch(**_batch_kwargs(predictor, inputs[:batch_size]))  # warm-up
+    started = time.perf_counter()
+    for start in range(0, n_inputs, batch_size):
+        predictor.predict_batch(**_batch_kwargs(predictor, inputs[start:start + batch_size]))
+    return n_inputs / (time.perf_counter() - started)
+
+
+def _batch_kwargs(predictor: Predictor, batch: list[Listing]) -> dict[str, list]:
+    return {"images": [listing.photo for listing in batch] if predictor.takes_images else None,
+            "texts": [listing.text for listing in batch] if predictor.takes_texts else None}
+
+
+def _request(endpoint: str, listing: Listing) -> dict:
+    photo = {"image": ("listing.jpg", listing.photo, "image/jpeg")}
+    if endpoint == "image":
+        return {"files": photo}
+    if endpoint == "text":
+        return {"json": {"text": listing.text}}
+    return {"files": photo, "data": {"text": listing.text}}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    command = [sys.executable, str(SERVE_SCRIPT), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+               "--image-model", args.image_model, "--text-model", args.text_model,
+               "--combined-model", args.combined_model, "--max-batch-size", str(args.max_batch_size),
+               "--max-batch-wait-ms", str(args.max_batch_wait_ms), "--torch-threads", str(args.torch_threads)]
+    if args.checkpoints is not None:
+        command += ["--checkpoints", str(args.checkpoints)]
+    server = subprocess.Popen(command)
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    server.terminate()
+    raise SystemExit(f"the server was not ready within {_READY_TIMEOUT_S} s")
+
+
+async def _drive(base_url: str, endpoint: str, listings: list[Listing], n_requests: int,
+                 concurrency: int) -> tuple[float, np.ndarray, int]:
+    """Send ``n_requests`` from ``concurrency`` clients; (wall seconds, latencies in ms, errors)."""
+    latencies: list[float] = []
+    errors = 0
+    next_index = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=120) as client:
+
+        async def one_client() -> None:
+            nonlocal next_index, errors
+            while next_index < n_requests:
+                listing = listings[next_index % len(listings)]
+                next_index += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post(f"/{endpoint}", **_request(endpoint, listing))
+                    ok = response.status_code == 200 and bool(response.json().get("pred"))
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append((time.perf_counter() - started) * 1000)
+                errors += not ok
+
+        # Warm-up: connections opened, first batches run; not measured.
+        warm_up = [client.post(f"/{endpoint}", **_request(endpoint, listings[i % len(listings)]))
+                   for i in range(concurrency)]
+        await asyncio.gather(*warm_up)
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return seconds, np.asarray(latencies), errors
+
+
+def _table(runs: list[Run]) -> str:
+    header = ("| endpoint | requests | errors | clients | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) "
+              "| in-process (req/s) | served / in-process |")
+    lines = [header, "|" + "---|" * 10]
+    for run in runs:
+        lines.append(f"| /{run.endpoint} | {run.requests} | {run.errors} | {run.concurrency} | {run.throughput:.1f} "
+                     f"| {run.percentile(50):.1f} | {run.percentile(95):.1f} | {run.percentile(99):.1f} "
+                     f"| {run.in_process_per_s:.1f} | {run.ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def _bar_failures(runs: list[Run]) -> list[str]:
+    failures = []
+    for run in runs:
+        if run.errors:
+            failures.append(f"/{run.endpoint}: {run.errors} errors")
+        if run.endpoint in ("image", "combined") and run.ratio < SERVED_RATIO_BAR:
+            failures.append(f"/{run.endpoint}: served throughput is {run.ratio:.2f} of in-process (bar {SERVED_RATIO_BAR})")
+        if run.endpoint == "text" and run.percentile(50) >= TEXT_P50_BAR_MS:
+            failures.append(f"/text: p50 {run.percentile(50):.1f} ms (bar {TEXT_P50_BAR_MS:.0f} ms)")
+    return failures
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.requests < MIN_REQUESTS:
+        raise SystemExit(f"--requests must be at least {MIN_REQUESTS}")
+    if args.checkpoints is not None:
+        os.environ["MARKETPLACE_CHECKPOINTS"] = str(args.checkpoints.absolute())
+    listings = _listings(args)
+    models = {"image": args.image_model, "text": args.text_model, "combined": args.combined_model}
+
+    # In process first, while nothing else runs: the same models, thread count and batch size as the server.
+    torch.set_num_threads(args.torch_threads)
+    in_process = {}
+    for endpoint, name in models.items():
+        predictor = Predictor.from_pretrained(name)
+        in_process[endpoint] = _in_process_per_s(predictor, listings, args.max_batch_size,
+                                                 n_inputs=max(4 * args.max_batch_size, 256))
+        print(f"in process: {name} {in_process[endpoint]:.1f} inputs/s", flush=True)
+        del predictor
+
+    port = _free_port()
+    server = _start_server(args, port)
+    runs = []
+    try:
+        for endpoint in models:
+            concurrency = args.text_concurrency if endpoint == "text" else args.concurrency
+            seconds, latencies, errors = asyncio.run(
+                _drive(f"http://127.0.0.1:{port}", endpoint, listings, args.requests, concurrency))
+            runs.append(Run(endpoint, args.requests, errors, concurrency, seconds, latencies, in_process[endpoint]))
+            print(f"served: /{endpoint} {runs[-1].throughput:.1f} req/s, p50 {runs[-1].percentile(50):.1f} ms", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    table = _table(runs)
+    failures = _bar_failures(runs)
+    verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
+    setup = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+             f"{args.torch_threads} torch threads, max batch {args.max_batch_size}, "
+             f"max wait {args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items()))
+    report = args.report or reports_dir() / "bench_serving.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        "# Serving benchmark\n\n"
+        f"`python scripts/bench_serving.py {' '.join(sys.argv[1:])}`\n\n{setup}.\n\n{table}\n\n"
+        "In-process: `Predictor.predict_batch` on encoded photos/texts (decoding included), batches of the "
+        "server's max batch size. Served: one listing per request over HTTP from a separate server process, "
+        "clients on the same machine.\n\n"
+        f"Bars: served >= {SERVED_RATIO_BAR} x in-process for /image and /combined, zero errors, "
+        f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n",
+        encoding="utf-8")
+    print(f"\n{setup}\n\n{table}\n\n{verdict}\nreport: {report}")
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Benchmark the text models on the real listings: TF-IDF + linear SVM (reference) vs word2vec + text CNN.
+
+Every row is trained on the same product split per seed and evaluated on that split's held-out test
+products; the table gives mean ± standard deviation over the seeds of accuracy, macro-F1 and training
+time (word2vec + CNN for the CNN rows), printed and written to reports/bench_text.md.
+
+Examples:
+    python scripts/bench_text.py                                  # ../shared/marketplace, seeds 0 1 2
+    python scripts/bench_text.py --seeds 0 --rows tfidf-svm cnn-frozen
+    python scripts/bench_text.py --db-url sqlite:///data/real.db --images ../shared/marketplace/images
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.svm import LinearSVC
+
+from marketplace_reco.data.dataset import Marketplace, load_marketplace
+from marketplace_reco.data.errors import DataError
+from marketplace_reco.data.importer import import_csv
+from marketplace_reco.data.text import TextPreprocessor
+from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
+from marketplace_reco.models.word2vec import Word2VecEmbedding, train_word2vec_on_split
+from marketplace_reco.settings import reports_dir
+from marketplace_reco.training.distributed import init_distributed
+from marketplace_reco.training.metrics import evaluate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROWS = ("tfidf-svm", "cnn-frozen", "cnn-fine-tuned")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train TF-IDF + LinearSVC and word2vec + text CNN (frozen and fine-tuned embedding) on the same "
+                    "product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
+    )
+    source = parser.add_argument_group("data: an export folder (imported into a temporary SQLite) or a database")
+    source.add_argument("--shared", type=Path, default=REPO_ROOT.parent / "shared" / "marketplace",
+                        help="folder of the CSV export (products.csv, images.csv, images/) (default: %(default)s)")
+    source.add_argument("--db-url", default=None, help="read this database instead of importing --shared")
+    source.add_argument("--images", default=None, help="photo location with --db-url (default: <--shared>/images)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one product split (and training seed) per value (default: 0 1 2)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="held-out test share (default: %(default)s)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="models to run (default: all)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="report file (default: <reports folder>/bench_text.md)")
+    return parser
+
+
+def _tfidf_svm(splits: dict[str, Marketplace], seed: int) -> tuple[np.ndarray, float]:
+    """The reference: word 1-2-gram TF-IDF (sublinear tf) over the same tokens as the CNN, then a linear SVM."""
+    started = time.perf_counter()
+    preprocessor = TextPreprocessor()
+    vectorizer = TfidfVectorizer(tokenizer=preprocessor.tokenize, lowercase=False, token_pattern=None,
+                                 ngram_range=(1, 2), sublinear_tf=True)
+    features = vectorizer.fit_transform(splits["train"].products["text"])
+    classifier = LinearSVC(C=1.0, random_state=seed).fit(features, splits["train"].label_indices)
+    seconds = time.perf_counter() - started
+    # Decision scores rank the classes like probabilities would; evaluate() only needs their argmax.
+    return classifier.decision_function(vectorizer.transform(splits["test"].products["text"])), seconds
+
+
+def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbedding,
+              fine_tune: bool) -> tuple[np.ndarray, float]:
+    """The text CNN with the library's (and the training script's) defaults over ``embedding``."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    model = TextCNN.from_word2vec(embedding, splits["train"].classes, fine_tune_embedding=fine_tune)
+    train_text_cnn(model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
+                   splits["val"].products["text"].tolist(), splits["val"].label_indices, seed=seed)
+    seconds = time.perf_counter() - started
+    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, source: str,
+            sizes: dict[str, int]) -> str:
+    header = ["model", "accuracy", "macro-F1", "train s", "accuracy per seed"]
+    rows = [[name, _mean_std([r["accuracy"] for r in runs], 4), _mean_std([r["macro_f1"] for r in runs], 4),
+             _mean_std([r["seconds"] for r in runs], 1), " ".join(f"{r['accuracy']:.4f}" for r in runs)]
+            for name, runs in results.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    table = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+             for row in [header, *rows]]
+    table.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return "\n".join([
+        "# Text models on the real listings",
+        "",
+        f"Data: {source}; products per split {sizes}; split by product, stratified on the root category; "
+        f"seeds {' '.join(map(str, args.seeds))} (one split and one training seed each). "
+        "Accuracy and macro-F1 on each seed's held-out test products, mean ± standard deviation over seeds.",
+        "",
+        *table,
+        "",
+        "- `tfidf-svm`: word 1-2-gram TF-IDF with sublinear tf over the same tokens (TextPreprocessor defaults), "
+        "LinearSVC C=1 (reference).",
+        "- `cnn-*`: skip-gram word2vec trained on each split's training text only, then the text CNN with the "
+        "library defaults (scripts/train_text_cnn.py defaults); `train s` includes word2vec training.",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} thread(s); 1-minute load average at the end {load:.1f}. The cores are "
+        "shared with other work, so the times are pessimistic.",
+        "",
+        f"Command: `python scripts/bench_text.py {' '.join(sys.argv[1:])}`",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    init_distributed()  # one process; sets torch's threads from the cores (or OMP_NUM_THREADS)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_text_") as scratch:
+            if args.db_url:
+                db_url, images = args.db_url, args.images or str(args.shared / "images")
+            else:
+                db_url, images = f"sqlite:///{Path(scratch) / 'marketplace.db'}", str(args.shared / "images")
+                import_csv(args.shared / "products.csv", args.shared / "images.csv", db_url, progress=False)
+            marketplace = load_marketplace(db_url, images)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in args.rows}
+    sizes: dict[str, int] = {}
+    for seed in args.seeds:
+        splits = marketplace.split(fractions, seed=seed)
+        sizes = {name: len(split.products) for name, split in splits.items()}
+        embedding, word2vec_s = None, 0.0
+        for name in args.rows:
+            if name == "tfidf-svm":
+                scores, seconds = _tfidf_svm(splits, seed)
+            else:
+                if embedding is None:  # one embedding per split, shared by the CNN rows
+                    started = time.perf_counter()
+                    embedding = train_word2vec_on_split(splits["train"], seed=seed)
+                    word2vec_s = time.perf_counter() - started
+                scores, seconds = _text_cnn(splits, seed, embedding, fine_tune=name == "cnn-fine-tuned")
+                seconds += word2vec_s
+            metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
+            results[name].append({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds})
+            print(f"seed {seed} {name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+                  f"{seconds:.1f}s", flush=True)
+    report = _report(results, args, marketplace.source.get("database", db_url), sizes)
+    output = args.output or reports_dir() / "bench_text.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report, encoding="utf-8")
+    print(report)
+    print(f"report: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

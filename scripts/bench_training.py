@@ -1,0 +1,146 @@
+"""Benchmark the image model's feature cache: seconds per epoch with and without it, same model, same photos.
+
+A subset of the real photos (default: 512 for training, 64 for validation, from the training and validation
+products of a split by product) trains the same image model (default: ResNet-50, random weights as no
+pretrained ones can be downloaded here, which does not change the cost) twice from the same initial weights:
+1. without the cache: every epoch runs the whole network (the frozen trunk in inference mode, channels-last);
+2. with the cache: the frozen trunk runs once per photo (the warm-up), and every epoch runs only the
+   trainable layers on the cached trunk outputs.
+Decoded photos are held in memory in both runs, so the epochs compare network work only. Prints a table
+and the ratio of the mean epoch times, writes reports/bench_training.md and exits with 1 below --min-ratio.
+
+    python scripts/bench_training.py                         # ../shared/marketplace, resnet50, 512 photos
+    python scripts/bench_training.py --photos 256 --epochs 2 --backbone resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marketplace_reco.data.dataset import Marketplace, load_marketplace
+from marketplace_reco.data.errors import DataError
+from marketplace_reco.data.importer import import_csv
+from marketplace_reco.models.errors import CheckpointError
+from marketplace_reco.models.image_classifier import DEFAULT_TRAINABLE_LAYERS, ImageClassifier, train_image_classifier
+from marketplace_reco.settings import reports_dir
+from marketplace_reco.training.feature_cache import FeatureCache
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Seconds per training epoch of the same image model with and without the frozen-trunk "
+                    "feature cache, on a subset of the real photos; prints the ratio.",
+    )
+    parser.add_argument("--data", type=Path, default=SHARED_DATA,
+                        help="folder with products.csv, images.csv and images/ (default: %(default)s); "
+                             "imported into a temporary SQLite database")
+    parser.add_argument("--db-url", default=None, help="use this database instead of importing --data")
+    parser.add_argument("--images", default=None, help="image location for --db-url (a folder or s3://bucket/prefix)")
+    parser.add_argument("--photos", type=int, default=512, help="training photos (default: %(default)s)")
+    parser.add_argument("--val-photos", type=int, default=64, help="validation photos (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default: %(default)s)")
+    parser.add_argument("--backbone", default="resnet50", help="timm backbone (default: %(default)s)")
+    parser.add_argument("--trainable-layers", type=int, default=DEFAULT_TRAINABLE_LAYERS,
+                        help="trailing parameterised layers that train (default: %(default)s: ResNet-50's last "
+                             "conv3 + bn3)")
+    parser.add_argument("--image-size", type=int, default=224, help="photo size in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="photos per batch (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the weights (default: %(default)s)")
+    parser.add_argument("--min-ratio", type=float, default=20.0,
+                        help="exit with 1 if uncached/cached seconds per epoch is below this (default: %(default)s)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="markdown report to write (default: <reports folder>/bench_training.md)")
+    return parser
+
+
+def _photo_subset(split: Marketplace, n_photos: int, seed: int) -> Marketplace:
+    """Random products of ``split`` until they hold about ``n_photos`` photos."""
+    products = split.products.sample(frac=1.0, random_state=seed)
+    counts = products["image_ids"].map(len).to_numpy()
+    keep = products["product_id"].to_numpy()[np.cumsum(counts) <= n_photos]
+    return split.subset(keep)
+
+
+def _run(args: argparse.Namespace, train: Marketplace, val: Marketplace, use_cache: bool) -> dict[str, float]:
+    torch.manual_seed(args.seed)  # the same initial weights for both runs
+    model = ImageClassifier(train.classes, backbone=args.backbone, trainable_layers=args.trainable_layers,
+                            preprocessing={"image_size": args.image_size}, pretrained=False)
+    started = time.perf_counter()
+    with FeatureCache() as cache:
+        result = train_image_classifier(model, train, val, epochs=args.epochs, batch_size=args.batch_size,
+                                        patience=args.epochs, use_cache=use_cache, cache=cache, seed=args.seed)
+        cached_mb = (cache.nbytes_in_memory + cache.nbytes_on_disk) / 2**20
+    total = time.perf_counter() - started
+    epochs = [row["seconds"] for row in result.history]
+    return {"setup": total - sum(epochs), "first": epochs[0], "epoch": float(np.mean(epochs)),
+            "val_loss": result.history[-1]["val_loss"], "cache_mb": cached_mb}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        try:
+            if args.db_url is None:
+                db_url = f"sqlite:///{Path(tmp) / 'marketplace.db'}"
+                import_csv(args.data / "products.csv", args.data / "images.csv", db_url)
+                images = str(args.data / "images")
+            else:
+                db_url, images = args.db_url, args.images
+            splits = load_marketplace(db_url, images).split((0.8, 0.1, 0.1), seed=args.seed)
+            train = _photo_subset(splits["train"], args.photos, args.seed)
+            val = _photo_subset(splits["val"], args.val_photos, args.seed)
+            uncached = _run(args, train, val, use_cache=False)
+            cached = _run(args, train, val, use_cache=True)
+        except (DataError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    ratio = uncached["epoch"] / cached["epoch"]
+    n_train = int(train.products["image_ids"].map(len).sum())
+    n_val = int(val.products["image_ids"].map(len).sum())
+    table = "\n".join([
+        "| run | setup s | first epoch s | mean epoch s | final val loss | cached MB |",
+        "|---|---|---|---|---|---|",
+        f"| without cache (decode photos) | {uncached['setup']:.1f} | {uncached['first']:.1f} | {uncached['epoch']:.1f} "
+        f"| {uncached['val_loss']:.4f} | - |",
+        f"| with cache (frozen trunk once per photo) | {cached['setup']:.1f} | {cached['first']:.1f} "
+        f"| {cached['epoch']:.1f} | {cached['val_loss']:.4f} | {cached['cache_mb']:.0f} |",
+    ])
+    verdict = f"seconds per epoch, without / with cache: {ratio:.1f}x (bar: {args.min_ratio:g}x)"
+    print(table)
+    print(verdict)
+    report = args.report or reports_dir() / "bench_training.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report.write_text(
+        "# Image training: feature cache benchmark\n\n"
+        f"{datetime.date.today().isoformat()}, `{command.strip()}`, {os.cpu_count()} CPU cores, "
+        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}. "
+        f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after: other work on the machine "
+        "slows both runs, so absolute seconds are pessimistic.\n\n"
+        f"Model: {args.backbone} (random weights), trainable layers {args.trainable_layers}, {args.image_size} px, "
+        f"batch {args.batch_size}, {args.epochs} epochs per run from the same initial weights. Data: {n_train} "
+        f"training and {n_val} validation photos of the real export (products of a split by product, seed "
+        f"{args.seed}). Setup is decoding the photos (without cache) or decoding them and running the frozen "
+        "trunk once per photo (with cache); an epoch is training plus validation.\n\n"
+        f"{table}\n\n**{verdict}**\n",
+        encoding="utf-8",
+    )
+    print(f"report: {report}")
+    return 0 if ratio >= args.min_ratio else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

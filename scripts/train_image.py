@@ -1,0 +1,147 @@
+"""Train the photo classifier (timm backbone, transfer learning) and save it (default: checkpoints/image-classifier).
+
+The backbone starts from timm's pretrained weights unless --no-pretrained is given or --weights names a
+local state dict. Without --augment the frozen trunk runs once per photo and its outputs are cached, so
+later epochs only run the trainable layers; with --augment every epoch runs the whole network.
+
+Examples:
+    python scripts/train_image.py                                    # resnet50, pretrained (needs the internet)
+    python scripts/train_image.py --weights resnet50.safetensors     # pretrained weights from a local file
+    python scripts/train_image.py --no-pretrained --backbone resnet18 --trainable-layers all --augment \\
+        --image-size 128 --epochs 30                                 # from scratch (what CPUs can afford)
+    torchrun --standalone --nproc_per_node 2 scripts/train_image.py --no-pretrained --backbone resnet10t
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from marketplace_reco.data.errors import DataError
+from marketplace_reco.models.errors import CheckpointError
+from marketplace_reco.models.image_classifier import (
+    ImageClassifier,
+    evaluate_image_classifier,
+    train_image_classifier,
+)
+from marketplace_reco.training.distributed import init_distributed
+from marketplace_reco.training.feature_cache import DEFAULT_MEMORY_BUDGET, FeatureCache, FeatureCacheError
+from marketplace_reco.training.runs import add_data_arguments, add_output_arguments, finish_run, load_splits, output_folder
+
+_MODEL = {name: p.default for name, p in inspect.signature(ImageClassifier.__init__).parameters.items()}
+_TRAINING = {name: p.default for name, p in inspect.signature(train_image_classifier).parameters.items()}
+
+
+def _trainable_layers(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number of layers, not {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="timm backbone with its last layers trainable (the rest frozen), a feature layer and a "
+                    "linear head, trained on the training products' photos with AdamW, a one-cycle LR schedule "
+                    "and early stopping on validation loss; the best epoch is evaluated on the held-out test "
+                    "products (a product's photos' probabilities are averaged). Writes config.json, "
+                    "model.safetensors, README.md, confusion_matrix.png, training_curves.png and history.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Runs unchanged under torchrun --nproc_per_node N (data-parallel; only rank 0 writes).",
+    )
+    add_data_arguments(parser)
+    add_output_arguments(parser, "image-classifier")
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default=_MODEL["backbone"],
+                       help="any timm model name, e.g. resnet50, resnet18, efficientnet_b0 (default: %(default)s)")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--no-pretrained", action="store_true",
+                         help="start from random weights instead of timm's pretrained ones")
+    weights.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                         help="pretrained weights from a local safetensors file (a timm or torchvision state dict "
+                              "of the same backbone) instead of downloading them")
+    group.add_argument("--trainable-layers", type=_trainable_layers, default=_MODEL["trainable_layers"],
+                       help="how many of the backbone's last parameterised layers train, or 'all'; the default 2 is "
+                            "ResNet-50's last bottleneck's conv3 + bn3 (default: %(default)s)")
+    group.add_argument("--image-size", type=int, default=None,
+                       help="photos are letterboxed to this square size (default: the backbone's, 224 for resnet50)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--feature-dim", type=int, default=_MODEL["feature_dim"],
+                       help="width of the feature layer reused by the fusion model (default: %(default)s)")
+    group.add_argument("--dropout", type=float, default=_MODEL["dropout"],
+                       help="dropout before the head (default: %(default)s)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=_TRAINING["epochs"],
+                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=_TRAINING["batch_size"],
+                       help="photos per batch and process (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=_TRAINING["learning_rate"],
+                       help="peak learning rate (default: %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=_TRAINING["weight_decay"],
+                       help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--patience", type=int, default=_TRAINING["patience"],
+                       help="stop after this many epochs without a lower validation loss (default: %(default)s)")
+    group.add_argument("--augment", action="store_true",
+                       help="random crops, flips and colour jitter each epoch (the whole network then runs every "
+                            "epoch: no feature cache)")
+    group.add_argument("--no-cache", action="store_true",
+                       help="do not cache the frozen trunk's outputs even without --augment (for timing comparisons)")
+    group.add_argument("--cache-memory-gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
+                       help="memory for cached trunk outputs per process; the rest spills to disk under "
+                            ".cache/features (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    context = init_distributed()
+    try:
+        splits = load_splits(args)
+        torch.manual_seed(args.seed)
+        model = ImageClassifier(
+            splits["train"].classes, backbone=args.backbone, trainable_layers=args.trainable_layers,
+            feature_dim=args.feature_dim, dropout=args.dropout,
+            preprocessing={"image_size": args.image_size} if args.image_size else None,
+            pretrained=str(args.weights) if args.weights else not args.no_pretrained,
+        )
+        started = time.perf_counter()
+        with FeatureCache(memory_budget_bytes=int(args.cache_memory_gb * 2**30)) as cache:
+            result = train_image_classifier(
+                model, splits["train"], splits["val"], epochs=args.epochs, batch_size=args.batch_size,
+                learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, augment=args.augment,
+                use_cache=not args.no_cache, cache=cache, seed=args.seed, context=context,
+            )
+        training_s = time.perf_counter() - started
+        if context.is_main:
+            metrics = evaluate_image_classifier(model, splits["test"], "test")
+            metrics.update(
+                best_epoch=result.best_epoch,
+                validation_loss=result.history[result.best_epoch - 1]["val_loss"],
+                training_s=round(training_s, 1),
+                processes=context.world_size,
+                feature_cache=not (args.augment or args.no_cache),
+            )
+            data_summary = {"split": "by product, stratified on the label", "seed": args.seed,
+                            **splits["train"].summary(),
+                            "sizes": {name: len(split.products) for name, split in splits.items()}}
+            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
+                       history=result.history, push_to=args.push_to, revision=args.revision)
+    except (DataError, CheckpointError, FeatureCacheError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        context.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

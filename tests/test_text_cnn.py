@@ -1,0 +1,173 @@
+"""Text CNN: learning, the self-contained checkpoint, odd inputs, the training script, and torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marketplace_reco.models import load_model
+from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
+from marketplace_reco.models.word2vec import PAD_INDEX, Word2VecEmbedding, train_word2vec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["Home & Garden", "Phones", "Tools"]
+_TOPICS = ["sofa chair table wardrobe drawers oak", "iphone charger screen battery unlocked case",
+           "drill hammer saw screwdriver bosch spanner"]
+
+
+def _data(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    texts = [" ".join(rng.choice(_TOPICS[label].split(), 4)) + " good condition collection only" for label in labels]
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def embedding() -> Word2VecEmbedding:
+    texts, _ = _data(45, seed=0)
+    return train_word2vec(texts, dim=16, window=3, negative=5, min_count=1, epochs=50, workers=1, progress=False)
+
+
+def _model(embedding: Word2VecEmbedding, **hyperparameters: object) -> TextCNN:
+    torch.manual_seed(0)
+    return TextCNN.from_word2vec(embedding, CLASSES, max_length=12, kernel_sizes=[1, 2, 3], num_filters=16,
+                                 feature_dim=12, dropout=0.2, **hyperparameters)
+
+
+@pytest.fixture(scope="module")
+def trained(embedding: Word2VecEmbedding) -> TextCNN:
+    model = _model(embedding)
+    train_texts, train_labels = _data(45, seed=0)
+    val_texts, val_labels = _data(15, seed=1)
+    train_text_cnn(model, train_texts, train_labels, val_texts, val_labels, epochs=12, batch_size=8,
+                   learning_rate=0.02, patience=12)
+    return model
+
+
+def test_the_cnn_learns_and_keeps_the_frozen_embedding(trained: TextCNN, embedding: Word2VecEmbedding) -> None:
+    texts, labels = _data(30, seed=2)
+    assert (trained.predict_proba(texts=texts).argmax(axis=1) == labels).mean() >= 0.9
+    assert not trained.embedding.weight.requires_grad
+    np.testing.assert_array_equal(trained.embedding.weight.detach().numpy(), embedding.vectors)
+    assert trained.config["word2vec"] == {"name": "in memory", "revision": ""}
+    assert not trained.training  # left ready for inference
+
+
+def test_fine_tuning_changes_the_embedding_but_never_the_padding_row(embedding: Word2VecEmbedding) -> None:
+    model = _model(embedding, fine_tune_embedding=True)
+    texts, labels = _data(24, seed=3)
+    train_text_cnn(model, texts, labels, texts, labels, epochs=2, batch_size=8, learning_rate=0.02)
+    weights = model.embedding.weight.detach().numpy()
+    assert not np.allclose(weights[2:], embedding.vectors[2:])
+    assert not weights[PAD_INDEX].any()
+
+
+def test_empty_and_unknown_inputs_still_get_a_full_probability_row(trained: TextCNN) -> None:
+    texts = ["", "zeppelin quixotic", "the and of", "   ", "sofa zeppelin"]
+    proba = trained.predict_proba(texts=texts)
+    assert proba.shape == (5, 3) and np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert trained.known_token_counts(texts).tolist() == [0, 0, 0, 0, 1]
+    # With no known word every such input is the same single <unk>: the same answer.
+    np.testing.assert_allclose(proba[0], proba[1], rtol=1e-6)
+    assert trained.predict_proba(texts=[]).shape == (0, 3)
+    with pytest.raises(ValueError, match="needs texts"):
+        trained.predict_proba(images=["a photo"])
+
+
+def test_padding_and_batching_never_change_a_prediction(trained: TextCNN) -> None:
+    texts, _ = _data(9, seed=4)
+    texts += ["drill", "sofa chair table wardrobe drawers oak sofa chair table wardrobe drawers oak sofa chair"]
+    together = trained.predict_proba(texts=texts)
+    alone = np.concatenate([trained.predict_proba(texts=[text]) for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    ids = torch.from_numpy(trained.encode(texts).ids)
+    with torch.inference_mode():
+        wider = torch.nn.functional.pad(ids, (0, 20), value=PAD_INDEX)
+        np.testing.assert_allclose(trained(ids).numpy(), trained(wider).numpy(), atol=1e-5)
+
+
+def test_features_are_the_layer_under_the_classifier(trained: TextCNN) -> None:
+    texts, _ = _data(6, seed=5)
+    features = trained.extract_features(texts)
+    assert features.shape == (6, 12) and (features >= 0).all()
+    with torch.inference_mode():
+        logits = trained.classifier(torch.from_numpy(features))
+    np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), trained.predict_proba(texts=texts), atol=1e-6)
+
+
+def test_checkpoint_predicts_identically_in_a_fresh_process(trained: TextCNN, tmp_path: Path) -> None:
+    folder = tmp_path / "text-cnn"
+    trained.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocabulary"][:2] == ["<pad>", "<unk>"] and config["max_length"] == 12
+    assert "the" in config["preprocessing"]["stop_words"] and config["kernel_sizes"] == [1, 2, 3]
+    texts = ["Oak wardrobe | in Leeds, West Yorkshire | Gumtree", "iPhone 12 unlocked, charger included", "", "xyzzy"]
+    script = ("import json, sys; from marketplace_reco.models import load_model; "
+              "m = load_model(sys.argv[1]); texts = json.loads(sys.argv[2]); "
+              "print(json.dumps({'proba': m.predict_proba(texts=texts).tolist(), "
+              "'known': m.known_token_counts(texts).tolist(), 'type': type(m).__name__}))")
+    completed = subprocess.run([sys.executable, "-c", script, str(folder), json.dumps(texts)], capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    fresh = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert fresh["type"] == "TextCNN"
+    np.testing.assert_allclose(fresh["proba"], trained.predict_proba(texts=texts), atol=1e-6)
+    assert fresh["known"] == trained.known_token_counts(texts).tolist() == [2, 3, 0, 0]
+    assert isinstance(load_model(str(folder)), TextCNN)
+
+
+def _run(args: list[str], checkpoints: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MARKETPLACE_CHECKPOINTS": str(checkpoints),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+_SMALL = ["--epochs", "2", "--num-filters", "8", "--feature-dim", "8", "--max-length", "32", "--batch-size", "16"]
+
+
+def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str, str], tmp_path: Path) -> None:
+    data = ["--db-url", sample_data["db_url"], "--images", sample_data["image_location"]]
+    scripts = REPO_ROOT / "scripts"
+    word2vec = _run([str(scripts / "train_word2vec.py"), *data, "--dim", "16", "--epochs", "3", "--plot-method",
+                     "pca"], tmp_path)
+    assert word2vec.returncode == 0, word2vec.stderr[-3000:]
+    cnn = _run([str(scripts / "train_text_cnn.py"), *data, *_SMALL], tmp_path)
+    assert cnn.returncode == 0, cnn.stderr[-3000:]
+    folder = tmp_path / "text-cnn"
+    for name in ("config.json", "model.safetensors", "README.md", "confusion_matrix.png", "training_curves.png",
+                 "history.json"):
+        assert (folder / name).is_file(), name
+    model = load_model(str(folder))
+    assert model.metrics["split"] == "test" and 0.0 <= model.metrics["macro_f1"] <= 1.0
+    assert model.metrics["processes"] == 1 and len(model.metrics["per_class"]) == 13
+    assert model.config["word2vec"]["name"] == "word2vec" and model.config["fine_tune_embedding"] is False
+    assert "| accuracy |" in (folder / "README.md").read_text()
+
+    # An embedding trained on another split may have read this split's test listings: refused.
+    refused = _run([str(scripts / "train_text_cnn.py"), *data, *_SMALL, "--seed", "1"], tmp_path)
+    assert refused.returncode == 1
+    assert "trained on a different set of products" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_train_text_cnn_runs_unchanged_under_torchrun(sample_data: dict[str, str], tmp_path: Path) -> None:
+    completed = _run(
+        [str(REPO_ROOT / "scripts" / "train_text_cnn.py"), "--db-url", sample_data["db_url"], "--images",
+         sample_data["image_location"], "--train-word2vec", "--word2vec", "w2v-ddp", "--fine-tune-embedding",
+         *_SMALL],
+        tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "w2v-ddp" / "embedding_2d.png").is_file()
+    model = load_model(str(tmp_path / "text-cnn"))
+    assert model.metrics["processes"] == 2
+    assert model.config["word2vec"]["name"] == "w2v-ddp" and model.config["fine_tune_embedding"] is True
+    assert len(json.loads((tmp_path / "text-cnn" / "history.json").read_text())) >= 1

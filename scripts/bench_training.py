@@ -33,7 +33,7 @@ from marketplace_reco.data.importer import import_csv
 from marketplace_reco.models.errors import CheckpointError
 from marketplace_reco.models.image_classifier import DEFAULT_TRAINABLE_LAYERS, ImageClassifier, train_image_classifier
 from marketplace_reco.settings import reports_dir
-from marketplace_reco.training.feature_cache import FeatureCache
+from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             val = _photo_subset(splits["val"], args.val_photos, args.seed)
             uncached = _run(args, train, val, use_cache=False)
             cached = _run(args, train, val, use_cache=True)
-        except (DataError, CheckpointError) as exc:
+        except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     ratio = uncached["epoch"] / cached["epoch"]

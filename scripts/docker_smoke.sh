@@ -12,7 +12,8 @@
 # does not, tiny ones are trained on the embedded sample marketplace into a temporary folder first.
 # They are mounted over the image's /models.
 #
-# Usage: scripts/docker_smoke.sh     (env: SMOKE_IMAGE, SMOKE_BASE_IMAGE, SMOKE_CHECKPOINTS, SMOKE_PACKAGE_ROOT)
+# Usage: scripts/docker_smoke.sh
+#   env: SMOKE_IMAGE, SMOKE_BASE_IMAGE, SMOKE_CHECKPOINTS, SMOKE_PACKAGE_ROOT, SMOKE_INDEX_PORT (default 18111)
 # The image is kept afterwards (its layers are the next build's cache).
 set -euo pipefail
 
@@ -64,7 +65,8 @@ fi
 ls "$checkpoints"
 
 step "build $image (local package mirror on loopback)"
-index_port=$(free_port)
+# A fixed port: the build arguments carry the index URL, and a new URL would defeat the layer cache.
+index_port=${SMOKE_INDEX_PORT:-18111}
 "$python" -m http.server --bind 127.0.0.1 --directory "$package_root" "$index_port" >"$workdir/index.log" 2>&1 &
 index_pid=$!
 index=http://127.0.0.1:$index_port

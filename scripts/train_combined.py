@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                            training_s=round(training_s, 1), processes=context.world_size)
             finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
                        history=result.history, push_to=args.push_to, revision=args.revision)
-    except (DataError, CheckpointError, FeatureCacheError) as exc:
+    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

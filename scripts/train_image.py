@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                             "sizes": {name: len(split.products) for name, split in splits.items()}}
             finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
                        history=result.history, push_to=args.push_to, revision=args.revision)
-    except (DataError, CheckpointError, FeatureCacheError) as exc:
+    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

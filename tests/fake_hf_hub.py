@@ -60,7 +60,8 @@ class _Entry:
     @property
     def pointer(self) -> bytes:
         """The git-lfs pointer file stored in git in place of an LFS file's content."""
-        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.content)}\n".encode()
+        lines = ("version https://git-lfs.github.com/spec/v1", f"oid sha256:{self.sha256}", f"size {len(self.content)}")
+        return ("\n".join(lines) + "\n").encode()
 
     @property
     def blob_id(self) -> str:
@@ -124,7 +125,8 @@ class FakeHub:
     def __enter__(self) -> FakeHub:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
     # ---- test helpers -------------------------------------------------------------------------
@@ -287,7 +289,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], bool, Any]] = [
     ("PUT", re.compile(r"/lfs/(?P<oid>[0-9a-f]{64})"), False, lambda hub, m, body: hub.lfs_put(m["oid"], body)),
     ("POST", re.compile(r"/lfs/verify"), True, lambda hub, m, body: hub.lfs_verify(json.loads(body))),
     ("POST", re.compile(rf"/api/models/{_REPO}/commit/{_SEGMENT}"), True,
-     lambda hub, m, body: hub.commit(m["repo"], unquote(m["rev"]), [json.loads(line) for line in body.splitlines() if line])),
+     lambda hub, m, body: hub.commit(m["repo"], unquote(m["rev"]), [json.loads(x) for x in body.splitlines() if x])),
     ("GET", re.compile(rf"/api/models/{_REPO}/revision/{_SEGMENT}"), False,
      lambda hub, m, body: hub.repo_info(m["repo"], unquote(m["rev"]))),
     ("GET", re.compile(rf"/api/models/{_REPO}/tree/{_SEGMENT}"), False,
@@ -330,7 +332,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             try:
                 with hub._lock:
                     if method in ("GET", "HEAD") and (match := _RESOLVE.fullmatch(path)):
-                        content, headers = hub.resolve_file(match["repo"], unquote(match["rev"]), unquote(match["path"]))
+                        content, headers = hub.resolve_file(match["repo"], unquote(match["rev"]),
+                                                            unquote(match["path"]))
                         self._send(HTTPStatus.OK, content, headers, send_body=method == "GET")
                         return
                     for route_method, pattern, write, handler in _ROUTES:
@@ -345,7 +348,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 headers = {"Content-Type": "application/json", "X-Error-Message": str(exc)}
                 if exc.code:
                     headers["X-Error-Code"] = exc.code
-                self._send(exc.status, json.dumps({"error": str(exc), **exc.extra}).encode(), headers, send_body=method != "HEAD")
+                answer = json.dumps({"error": str(exc), **exc.extra}).encode()
+                self._send(exc.status, answer, headers, send_body=method != "HEAD")
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._dispatch("GET")

@@ -60,6 +60,7 @@ CLASSES = ["bikes", "chairs", "lamps"]
 METRICS = {
     "split": "test", "n_samples": 12, "accuracy": 0.75, "macro_f1": 0.7123,
     "per_class": {name: {"precision": 0.8, "recall": 0.7, "f1": 0.75, "support": 4} for name in CLASSES},
+    "timing_s": {"training": 1.5},
 }
 
 
@@ -134,7 +135,8 @@ def test_unexpected_key_names_file_and_key(saved: Path) -> None:
     arrays = _read_weights(saved / "model.safetensors")
     arrays["extra.scale"] = np.ones(3, dtype=np.float32)
     _rewrite_weights(saved / "model.safetensors", arrays)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing keys \[\], unexpected keys \['extra\.scale'\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors: missing keys \[\], unexpected keys \['extra\.scale'\]"):
         load_model(str(saved))
 
 
@@ -192,7 +194,8 @@ def test_missing_files_are_named(saved: Path, tmp_path: Path) -> None:
 
 def test_bad_config_keys_are_named(saved: Path) -> None:
     _edit_config(saved, dropout=0.5)
-    with pytest.raises(CheckpointError, match=r"config\.json: unexpected keys \['dropout'\] for model type 'test-affine'"):
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: unexpected keys \['dropout'\] for model type 'test-affine'"):
         load_model(str(saved))
     config = json.loads((saved / "config.json").read_text())
     del config["dropout"], config["classes"]
@@ -205,7 +208,8 @@ def test_bad_config_keys_are_named(saved: Path) -> None:
 
 
 def test_from_pretrained_refuses_another_model_type(saved: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"model_type is 'test-affine', but TorchLinear loads 'test-torch-linear'"):
+    with pytest.raises(CheckpointError,
+                       match=r"model_type is 'test-affine', but TorchLinear loads 'test-torch-linear'"):
         TorchLinear.from_pretrained(str(saved))
 
 
@@ -218,7 +222,8 @@ def test_model_card_renders_classes_metrics_and_loading(saved: Path) -> None:
     assert "| accuracy | 0.7500 |" in card and "| macro-F1 | 0.7123 |" in card
     assert "| lamps | 0.800 | 0.700 | 0.750 | 4 |" in card
     assert '"products": 60' in card
-    assert "load_model(" in card and "## Limitations" in card
+    assert 'Further figures:\n\n```json\n{\n  "timing_s": {\n    "training": 1.5' in card
+    assert 'proba = model.predict_proba(images=[Image.open("photo.jpg")])' in card and "## Limitations" in card
 
 
 def test_resave_rewrites_the_card(saved: Path) -> None:

@@ -52,7 +52,7 @@ def trained() -> HogSvmClassifier:
 
 
 def test_hog_step_is_a_scikit_learn_transformer() -> None:
-    step = HOGTransformer(image_size=32, pixels_per_cell=(8,), colour_bins=2)
+    step = HOGTransformer(image_size=32, pixels_per_cell=(8,), colour_bins=2, lbp_grid=2)
     copy = clone(step)
     assert copy.get_params() == step.get_params()
     images, _ = _dataset(3, seed=2)
@@ -62,10 +62,12 @@ def test_hog_step_is_a_scikit_learn_transformer() -> None:
         img.save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     features = copy.fit_transform(images)
-    # 3x3 blocks of 2x2 cells of 9 bins, then 2x2x2 colour bins.
-    assert features.shape == (3, 3 * 3 * 4 * 9 + 8) == (3, step.n_features)
+    # 3x3 blocks of 2x2 cells of 9 bins, 2x2x2 colour bins, then 10 LBP codes for the photo and 4 grid cells.
+    assert features.shape == (3, 3 * 3 * 4 * 9 + 8 + 5 * 10) == (3, step.n_features)
     np.testing.assert_array_equal(step.transform(encoded), features)  # bytes decode to the same pixels
-    np.testing.assert_allclose(np.sum(features[:, -8:] ** 2, axis=1), 1.0, rtol=1e-5)  # sqrt of a histogram
+    colour, texture = features[:, 324:332], features[:, 332:].reshape(3, 5, 10)
+    np.testing.assert_allclose(np.sum(colour**2, axis=1), 1.0, rtol=1e-5)  # square root of a histogram
+    np.testing.assert_allclose(texture.sum(axis=2), 1.0, rtol=1e-5)  # one normalised histogram per region
     assert step.transform([]).shape == (0, step.n_features)
 
 
@@ -77,7 +79,7 @@ def test_training_learns_the_stripes_and_ranks_all_classes(trained: HogSvmClassi
     assert (proba.argmax(axis=1) == np.array(labels)).mean() >= 0.9
     assert trained.temperature != 1.0  # fitted on the validation photos
     config = trained.config
-    assert config["n_features"] == trained.n_features == 2 * 2 * 9 * (7 * 7 + 3 * 3) + 4**3
+    assert config["n_features"] == trained.n_features == 2 * 2 * 9 * (7 * 7 + 3 * 3) + 4**3 + 5 * 10
     assert config["preprocessing"] == {"resize": "letterbox", "image_size": 64, "fill": [0, 0, 0]}
 
 
@@ -137,7 +139,7 @@ def test_mismatched_hog_parameters_fail_clearly(trained: HogSvmClassifier, tmp_p
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "orientations": 6}))
     with pytest.raises(CheckpointError, match=r"config\.json: cannot build a 'hog-svm' model from it "
-                                              r"\(n_features is \d+, but these HOG and colour parameters give \d+\)"):
+                                              r"\(n_features is \d+, but these feature parameters give \d+\)"):
         load_model(str(folder))
     del config["n_features"]
     (folder / "config.json").write_text(json.dumps({**config, "orientations": 6}))

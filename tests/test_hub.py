@@ -56,19 +56,19 @@ def hf_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]
 
 
 def _model(seed: int) -> HogSvmClassifier:
-    """A small hog-svm whose arrays are distinct per seed (enough to tell revisions apart)."""
+    """A small hog-svm trained on random features: different seeds give different arrays and predictions."""
     model = create_model("hog-svm", classes=["a", "b", "c"], preprocessing={"image_size": 32})
     assert isinstance(model, HogSvmClassifier)
     rng = np.random.default_rng(seed)
-    arrays = model._state_arrays()
-    model._load_state_arrays({key: rng.normal(size=value.shape) for key, value in arrays.items()})
+    model.fit_features(rng.normal(size=(30, model.n_features)), np.arange(30) % 3)
     model.metrics = {"accuracy": 0.5 + seed / 100, "macro_f1": 0.5, "split": "test", "n_samples": 3}
     return model
 
 
-def _coef(model: object) -> np.ndarray:
+def _probe(model: object) -> np.ndarray:
+    """The model's probabilities for fixed features: equal only for models with equal arrays."""
     assert isinstance(model, HogSvmClassifier)
-    return model._state_arrays()["svm.coef"]
+    return model.predict_proba_features(np.random.default_rng(99).normal(size=(5, model.n_features)))
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -114,8 +114,8 @@ def test_local_round_trip_with_revisions(folders: tuple[Path, Path], tmp_path: P
 
     main = load_model("hog-svm")
     assert main.source["revision"] == revision and len(revision) == 12
-    np.testing.assert_array_equal(_coef(main), _coef(_model(1)))
-    np.testing.assert_array_equal(_coef(load_model("hog-svm", revision="v2")), _coef(_model(2)))
+    np.testing.assert_array_equal(_probe(main), _probe(_model(1)))
+    np.testing.assert_array_equal(_probe(load_model("hog-svm", revision="v2")), _probe(_model(2)))
 
     pulled = pull_checkpoint("hog-svm", tmp_path / "pulled", revision="v2")
     assert _hashes(pulled) == _hashes(second)
@@ -134,7 +134,7 @@ def test_model_push_to_hub_goes_through_the_hubs(tmp_path: Path) -> None:
     model = _model(3)
     model.push_to_hub(str(tmp_path / "exported"), revision="v1")
     loaded = load_model(str(tmp_path / "exported"), revision="v1")
-    np.testing.assert_array_equal(_coef(loaded), _coef(model))
+    np.testing.assert_array_equal(_probe(loaded), _probe(model))
     assert loaded.metrics["accuracy"] == pytest.approx(0.53)
 
 
@@ -149,9 +149,9 @@ def test_s3_round_trip_with_revisions(s3_bucket: str, folders: tuple[Path, Path]
 
     main = load_model(target)
     assert main.source["revision"] == "main"
-    np.testing.assert_array_equal(_coef(main), _coef(_model(1)))
+    np.testing.assert_array_equal(_probe(main), _probe(_model(1)))
     v2 = load_model(target, revision="v2")
-    np.testing.assert_array_equal(_coef(v2), _coef(_model(2)))
+    np.testing.assert_array_equal(_probe(v2), _probe(_model(2)))
     assert Path(v2.source["folder"]).is_relative_to(tmp_path / "cache" / "checkpoints" / "s3")
 
     assert _hashes(pull_checkpoint(target, tmp_path / "pulled", revision="v2")) == _hashes(second)
@@ -173,7 +173,8 @@ def test_s3_pull_detects_a_damaged_object(s3_bucket: str, folders: tuple[Path, P
 
 
 def test_s3_missing_bucket_is_a_clear_error(s3_endpoint: str, folders: tuple[Path, Path]) -> None:
-    with pytest.raises(HubError, match="upload to s3://no-such-bucket-x/m/main: bucket 'no-such-bucket-x' does not exist"):
+    with pytest.raises(HubError,
+                       match="upload to s3://no-such-bucket-x/m/main: bucket 'no-such-bucket-x' does not exist"):
         push_checkpoint(folders[0], "s3://no-such-bucket-x/m")
 
 
@@ -188,11 +189,11 @@ def test_hugging_face_round_trip_with_revisions(hf_hub: FakeHub, folders: tuple[
 
     main = load_model("my-org/hog-svm")
     assert main.source["revision"] == main_sha
-    np.testing.assert_array_equal(_coef(main), _coef(_model(1)))
+    np.testing.assert_array_equal(_probe(main), _probe(_model(1)))
     v2 = load_model("my-org/hog-svm", revision="v2")
     assert v2.source["revision"] == v2_sha
-    np.testing.assert_array_equal(_coef(v2), _coef(_model(2)))
-    np.testing.assert_array_equal(_coef(load_model("my-org/hog-svm", revision=main_sha)), _coef(_model(1)))
+    np.testing.assert_array_equal(_probe(v2), _probe(_model(2)))
+    np.testing.assert_array_equal(_probe(load_model("my-org/hog-svm", revision=main_sha)), _probe(_model(1)))
 
     pulled = pull_checkpoint("my-org/hog-svm", tmp_path / "pulled", revision="v2")
     assert _hashes(pulled) == _hashes(second)
@@ -224,7 +225,7 @@ def test_model_push_to_hub_reaches_s3_and_hugging_face(hf_hub: FakeHub, s3_bucke
     assert hf_hub.repos["my-org/pushed"].branches["candidate"] == sha
     assert model.push_to_hub(f"s3://{s3_bucket}/pushed") == "main"
     for target, revision in (("my-org/pushed", "candidate"), (f"s3://{s3_bucket}/pushed", None)):
-        np.testing.assert_array_equal(_coef(load_model(target, revision=revision)), _coef(model))
+        np.testing.assert_array_equal(_probe(load_model(target, revision=revision)), _probe(model))
 
 
 # ---- the scripts ----------------------------------------------------------------------------

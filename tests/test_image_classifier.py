@@ -1,4 +1,5 @@
-"""ImageClassifier: the frozen/trainable split, preprocessing from the config, checkpoints, pretrained weights."""
+"""ImageClassifier: the frozen/trainable split, preprocessing from the config, checkpoints, pretrained weights,
+training with and without the feature cache, and the training script's error for unreachable weights."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.models import ModelConfigError, load_model
-from marketplace_reco.models.image_classifier import ImageClassifier, PretrainedWeightsError
+from marketplace_reco.models.image_classifier import (
+    ImageClassifier,
+    PretrainedWeightsError,
+    evaluate_image_classifier,
+    train_image_classifier,
+)
+from marketplace_reco.training.feature_cache import FeatureCache
+from marketplace_reco.training.image_data import SplitPhotos, augment_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bikes", "chairs", "phones"]
@@ -28,9 +37,9 @@ def _photos(n: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, size=(*sizes[i % 3][::-1], 3), dtype=np.uint8)) for i in range(n)]
 
 
-def _tiny(**kwargs: object) -> ImageClassifier:
+def _tiny(classes: list[str] = CLASSES, **kwargs: object) -> ImageClassifier:
     torch.manual_seed(0)
-    return ImageClassifier(CLASSES, backbone="test_resnet", preprocessing={"image_size": 32}, **kwargs)
+    return ImageClassifier(classes, backbone="test_resnet", preprocessing={"image_size": 32}, **kwargs)
 
 
 def test_default_split_trains_only_the_last_conv_and_norm_of_resnet50() -> None:
@@ -174,3 +183,53 @@ def test_local_weights_file_is_loaded_strictly(tmp_path: Path) -> None:
         _tiny(pretrained=str(tmp_path / "wrong.safetensors"))
     with pytest.raises(PretrainedWeightsError, match="does not exist"):
         _tiny(pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_cached_and_uncached_training_learn_the_same(sample_marketplace: Marketplace, tmp_path: Path) -> None:
+    splits = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)
+    histories = []
+    for use_cache in (True, False):
+        model = _tiny(splits["train"].classes)
+        with FeatureCache(spill_dir=tmp_path) as cache:
+            result = train_image_classifier(model, splits["train"], splits["val"], epochs=2, patience=2,
+                                            batch_size=16, use_cache=use_cache, cache=cache)
+            assert len(cache) == (len(SplitPhotos.from_split(splits["train"], "t").image_ids)
+                                  + len(SplitPhotos.from_split(splits["val"], "v").image_ids) if use_cache else 0)
+        histories.append(result.history)
+    for cached, uncached in zip(*histories):
+        assert cached["train_loss"] == pytest.approx(uncached["train_loss"], rel=1e-3)
+        assert cached["val_loss"] == pytest.approx(uncached["val_loss"], rel=1e-3)
+
+
+def test_augmented_training_and_per_product_evaluation(sample_marketplace: Marketplace) -> None:
+    splits = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)
+    model = _tiny(splits["train"].classes, trainable_layers="all")
+    before = model.backbone.conv1[0].weight.detach().clone()
+    result = train_image_classifier(model, splits["train"], splits["val"], epochs=1, patience=1, augment=True,
+                                    batch_size=16)
+    assert len(result.history) == 1 and not model.training
+    assert not torch.equal(before, model.backbone.conv1[0].weight)  # the whole network trained
+    metrics = evaluate_image_classifier(model, splits["test"])
+    photos = SplitPhotos.from_split(splits["test"], "test")
+    assert metrics["unit"] == "products" and metrics["n_samples"] == len(photos.product_ids)
+    assert metrics["per_image"]["n_samples"] == len(photos.image_ids) > len(photos.product_ids)
+
+
+def test_augment_batch_keeps_shape_and_range_and_varies() -> None:
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(4, 3, 24, 24), dtype=np.uint8))
+    generator = torch.Generator().manual_seed(0)
+    first, second = augment_batch(pixels, generator), augment_batch(pixels, generator)
+    assert first.shape == (4, 3, 24, 24) and first.dtype == torch.float32
+    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert not torch.allclose(first, second)
+
+
+def test_train_script_without_reachable_weights_says_how_to_go_on(sample_data: dict[str, str], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/train_image.py", "--db-url", sample_data["db_url"], "--images",
+         sample_data["image_location"], "--backbone", "test_resnet", "--output", str(tmp_path / "never")],
+        cwd=REPO_ROOT, env=_offline_env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith("error: cannot fetch pretrained weights for backbone 'test_resnet'")
+    assert "--no-pretrained" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()

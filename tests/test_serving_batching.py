@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from marketplace_reco.serving.batching import BatcherClosedError, MicroBatcher
+
+Batcher = MicroBatcher[int, int]
 
 
 class _Recorder:
@@ -29,7 +33,9 @@ class _Recorder:
         return [item * item for item in items]
 
 
-async def _with_batcher(process, max_batch_size: int, max_wait_s: float, body):
+async def _with_batcher(process: Callable[[list[int]], Sequence[int]], max_batch_size: int, max_wait_s: float,
+                        body: Callable[[Batcher], Awaitable[Any]]) -> tuple[Any, list[int]]:
+    """Run ``body`` against a started batcher; its result and the sizes of the batches that ran."""
     with ThreadPoolExecutor(max_workers=1) as executor:
         sizes: list[int] = []
         batcher = MicroBatcher(process, executor=executor, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
@@ -44,7 +50,7 @@ async def _with_batcher(process, max_batch_size: int, max_wait_s: float, body):
 def test_concurrent_inputs_are_gathered_into_batches_and_answered_in_order() -> None:
     recorder = _Recorder()
 
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         return await asyncio.gather(*(batcher.submit(i) for i in range(10)))
 
     results, sizes = asyncio.run(_with_batcher(recorder, 4, 0.05, body))
@@ -57,7 +63,7 @@ def test_concurrent_inputs_are_gathered_into_batches_and_answered_in_order() -> 
 def test_a_lone_input_waits_at_most_max_wait() -> None:
     recorder = _Recorder()
 
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         loop = asyncio.get_running_loop()
         started = loop.time()
         result = await batcher.submit(3)
@@ -71,7 +77,7 @@ def test_a_lone_input_waits_at_most_max_wait() -> None:
 def test_inputs_arriving_while_a_batch_runs_form_the_next_batch() -> None:
     recorder = _Recorder(delay_s=0.2)
 
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         first = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)  # the first batch is running now
         rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 6)]
@@ -85,7 +91,7 @@ def test_inputs_arriving_while_a_batch_runs_form_the_next_batch() -> None:
 def test_submit_many_spreads_over_batches_and_keeps_order() -> None:
     recorder = _Recorder()
 
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         return await batcher.submit_many(list(range(7)))
 
     results, sizes = asyncio.run(_with_batcher(recorder, 3, 0.01, body))
@@ -96,7 +102,7 @@ def test_submit_many_spreads_over_batches_and_keeps_order() -> None:
 def test_an_error_fails_only_the_inputs_of_its_batch_and_the_worker_goes_on() -> None:
     recorder = _Recorder()
 
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         with pytest.raises(ValueError, match="negative input"):
             await batcher.submit(-1)
         return await batcher.submit(5)
@@ -106,7 +112,7 @@ def test_an_error_fails_only_the_inputs_of_its_batch_and_the_worker_goes_on() ->
 
 
 def test_a_batch_function_returning_the_wrong_number_of_results_fails_the_batch() -> None:
-    async def body(batcher):
+    async def body(batcher: Batcher) -> Any:
         with pytest.raises(RuntimeError, match="returned 1 results for 2 inputs"):
             await batcher.submit_many([1, 2])
         return None

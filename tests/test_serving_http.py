@@ -88,7 +88,8 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 RED, GREEN = _jpeg((200, 30, 30)), _jpeg((30, 200, 60))
@@ -100,8 +101,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("checkpoints")
     image = create_model("image-classifier", classes=CLASSES, backbone="test_resnet", preprocessing={"image_size": 32},
                          feature_dim=8)
-    text = create_model("text-cnn", classes=CLASSES, vocabulary=VOCABULARY, preprocessing=TextPreprocessor().to_config(),
-                        embedding_dim=8, max_length=16, kernel_sizes=[1, 2], num_filters=4, feature_dim=8)
+    text = create_model("text-cnn", classes=CLASSES, vocabulary=VOCABULARY,
+                        preprocessing=TextPreprocessor().to_config(), embedding_dim=8, max_length=16,
+                        kernel_sizes=[1, 2], num_filters=4, feature_dim=8)
     image.save_pretrained(folder / "image-classifier")
     text.save_pretrained(folder / "text-cnn")
     FusionClassifier.from_branches(image, text).save_pretrained(folder / "fusion")
@@ -200,7 +202,7 @@ def test_image_batch_answers_each_photo_in_order(client: httpx.Client) -> None:
              ("image", ("c.jpg", RED, "image/jpeg"))]
     batch = client.post("/image/batch", files=files).json()["predictions"]
     assert len(batch) == 3
-    for answer, expected in zip(batch, (single[0], single[1], single[0])):
+    for answer, expected in zip(batch, (single[0], single[1], single[0]), strict=True):
         assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
 
 
@@ -243,8 +245,9 @@ def test_text_batch_as_json_or_form(client: httpx.Client) -> None:
 
 
 def test_combined_with_either_field_names(client: httpx.Client, checkpoints: Path) -> None:
-    by_new = client.post("/combined", files={"image": ("red.jpg", RED, "image/jpeg")}, data={"text": "red dress"}).json()
-    by_old = client.post("/combined", files={"img": ("red.jpg", RED, "image/jpeg")}, data={"txt": "red dress"}).json()
+    photo = ("red.jpg", RED, "image/jpeg")
+    by_new = client.post("/combined", files={"image": photo}, data={"text": "red dress"}).json()
+    by_old = client.post("/combined", files={"img": photo}, data={"txt": "red dress"}).json()
     assert by_new == by_old
     expected = Predictor.from_pretrained(str(checkpoints / "fusion")).predict(image=RED, text="red dress")
     assert by_new["pred"] == expected.pred and by_new["model"] == "fusion"
@@ -328,7 +331,8 @@ def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
 
     def chunks() -> Iterator[bytes]:
         nonlocal sent
-        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        yield (b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n")
         for _ in range(8):
             sent += 64 * 1024
             yield b"\xff" * (64 * 1024)
@@ -400,7 +404,8 @@ def test_metrics_count_requests_by_route_and_status(client: httpx.Client) -> Non
     metrics = response.text
     assert _sample(metrics, 'marketplace_http_requests_total{method="POST",route="/image",status="200"}') >= 1
     assert _sample(metrics, 'marketplace_http_requests_total{method="POST",route="/image",status="400"}') >= 1
-    assert _sample(metrics, 'marketplace_http_requests_total{method="GET",route="/models/{name:path}",status="404"}') >= 1
+    models_404 = 'marketplace_http_requests_total{method="GET",route="/models/{name:path}",status="404"}'
+    assert _sample(metrics, models_404) >= 1
     assert _sample(metrics, 'marketplace_http_request_duration_seconds_count{method="POST",route="/image"}') >= 2
     assert 'marketplace_inference_duration_seconds_bucket{le="0.01",model="image-classifier"}' in metrics
 

@@ -6,7 +6,10 @@ An image goes through ``Pipeline([("hog", HOGTransformer), ("scale", StandardSca
 2. the feature vector, in this order: for each cell size in ``pixels_per_cell``, the HOG descriptor of the
    grey image (``orientations`` bins, ``cells_per_block`` blocks, L2-Hys); then, if ``colour_bins`` > 0, the
    square root of the normalised joint HSV histogram with ``colour_bins`` bins per channel (square root:
-   a linear SVM then compares histograms by the Hellinger kernel). ``n_features`` in the config is its length;
+   a linear SVM then compares histograms by the Hellinger kernel); then, if ``lbp_grid`` > 0, normalised
+   histograms of uniform local binary patterns (8 neighbours, radius 1: 10 codes) of the grey image, for
+   the whole image and for each cell of an ``lbp_grid`` x ``lbp_grid`` grid (fine texture, which HOG's
+   16-pixel cells average away). ``n_features`` in the config is the vector's length;
 3. standardisation, then a one-vs-rest linear SVM with balanced class weights;
 4. probabilities: a softmax of the SVM decision scores divided by a temperature fitted on validation data
    (minimum negative log-likelihood), so the classes can be ranked and the confidences mean something.
@@ -35,7 +38,7 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from skimage.feature import hog
+from skimage.feature import hog, local_binary_pattern
 from tqdm.auto import tqdm
 
 from ..data.dataset import Marketplace
@@ -54,12 +57,16 @@ _PROGRESS_MIN = 2 * _CHUNK
 # With n_jobs=None, batches this large use every core: each worker process first imports the package
 # (torch and timm included, several seconds), which only pays off over thousands of photos.
 _PARALLEL_MIN = 1000
+# Uniform LBP with 8 neighbours has 8 + 2 codes: 9 uniform patterns and one bin for all others.
+_LBP_POINTS = 8
+_LBP_CODES = _LBP_POINTS + 2
 
 
 def _image_features(image: ImageSource, params: dict[str, Any]) -> np.ndarray:
     """The feature vector of one image (layout in the module docstring)."""
     square = letterbox(load_image(image), params["image_size"], fill=tuple(params["fill"]))
-    grey = np.asarray(square.convert("L"), dtype=np.float32) / 255.0
+    grey_bytes = np.asarray(square.convert("L"))
+    grey = grey_bytes.astype(np.float32) / 255.0
     parts = [
         hog(grey, orientations=params["orientations"], pixels_per_cell=(cell, cell),
             cells_per_block=(params["cells_per_block"],) * 2, block_norm="L2-Hys", feature_vector=True)
@@ -70,6 +77,13 @@ def _image_features(image: ImageSource, params: dict[str, Any]) -> np.ndarray:
         hsv = np.asarray(square.convert("HSV")).reshape(-1, 3)
         histogram, _ = np.histogramdd(hsv, bins=(bins,) * 3, range=((0, 256),) * 3)
         parts.append(np.sqrt(histogram.ravel() / hsv.shape[0]))
+    grid = params["lbp_grid"]
+    if grid:
+        codes = local_binary_pattern(grey_bytes, _LBP_POINTS, 1, method="uniform")
+        regions = [codes] + [cell for band in np.array_split(codes, grid, axis=0)
+                             for cell in np.array_split(band, grid, axis=1)]
+        parts.extend(np.bincount(region.astype(np.int64).ravel(), minlength=_LBP_CODES) / region.size
+                     for region in regions)
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -78,7 +92,7 @@ def _chunk_features(images: Sequence[ImageSource], params: dict[str, Any]) -> np
 
 
 class HOGTransformer(BaseEstimator, TransformerMixin):
-    """scikit-learn transformer: images (PIL, encoded bytes or paths) -> HOG (+ colour histogram) features.
+    """scikit-learn transformer: images (PIL, encoded bytes or paths) -> HOG (+ colour, texture) features.
 
     Stateless: ``fit`` learns nothing. ``n_jobs`` worker processes (joblib) share the work; None means all
     cores for batches of at least ``_PARALLEL_MIN`` images and in-process below.
@@ -86,19 +100,21 @@ class HOGTransformer(BaseEstimator, TransformerMixin):
 
     def __init__(self, image_size: int = 128, fill: Sequence[int] = (0, 0, 0), orientations: int = 9,
                  pixels_per_cell: Sequence[int] = (16,), cells_per_block: int = 2, colour_bins: int = 0,
-                 n_jobs: int | None = None) -> None:
+                 lbp_grid: int = 0, n_jobs: int | None = None) -> None:
         self.image_size = image_size
         self.fill = fill
         self.orientations = orientations
         self.pixels_per_cell = pixels_per_cell
         self.cells_per_block = cells_per_block
         self.colour_bins = colour_bins
+        self.lbp_grid = lbp_grid
         self.n_jobs = n_jobs
 
     def _params(self) -> dict[str, Any]:
         return {"image_size": int(self.image_size), "fill": [int(v) for v in self.fill],
                 "orientations": int(self.orientations), "pixels_per_cell": [int(c) for c in self.pixels_per_cell],
-                "cells_per_block": int(self.cells_per_block), "colour_bins": int(self.colour_bins)}
+                "cells_per_block": int(self.cells_per_block), "colour_bins": int(self.colour_bins),
+                "lbp_grid": int(self.lbp_grid)}
 
     def fit(self, X: Sequence[ImageSource], y: Any = None) -> HOGTransformer:  # noqa: N803 - sklearn's naming
         """Nothing to learn; present so the transformer fits in a ``Pipeline``."""
@@ -132,12 +148,13 @@ class HOGTransformer(BaseEstimator, TransformerMixin):
 
 @register_model("hog-svm")
 class HogSvmClassifier(CheckpointMixin):
-    """HOG (+ colour histogram) features, standardised, one-vs-rest linear SVM, temperature-scaled softmax."""
+    """HOG (+ colour, texture) features, standardised, one-vs-rest linear SVM, temperature-scaled softmax."""
 
     input_kind = "image"
     description = (
-        "Image baseline: grey HOG descriptors at one or more cell sizes (plus an optional HSV colour histogram) "
-        "of the letterboxed photo, standardised, then a one-vs-rest linear SVM with balanced class weights; "
+        "Image baseline: grey HOG descriptors at one or more cell sizes, plus optional HSV colour and local binary "
+        "pattern texture histograms, of the letterboxed photo, standardised, then a one-vs-rest linear SVM with "
+        "balanced class weights; "
         "probabilities are a softmax of the SVM scores divided by a temperature fitted on validation photos. "
         "A product with several photos averages its photos' probabilities."
     )
@@ -149,9 +166,11 @@ class HogSvmClassifier(CheckpointMixin):
         orientations: int = 9,
         pixels_per_cell: Sequence[int] = (16,),
         cells_per_block: int = 2,
-        colour_bins: int = 0,
-        C: float = 0.01,  # noqa: N803 - the SVM's usual name
+        colour_bins: int = 8,
+        lbp_grid: int = 2,
+        C: float = 0.0003,  # noqa: N803 - the SVM's usual name
         max_iter: int = 5000,
+        random_state: int = 0,
         n_features: int | None = None,
     ) -> None:
         if len(classes) < 2:
@@ -159,25 +178,30 @@ class HogSvmClassifier(CheckpointMixin):
         resolved = {**DEFAULT_PREPROCESSING, **(preprocessing or {})}
         unknown = sorted(set(resolved) - set(DEFAULT_PREPROCESSING))
         if unknown or resolved["resize"] != "letterbox":
-            raise ModelConfigError(f"preprocessing {preprocessing} not supported: keys {sorted(DEFAULT_PREPROCESSING)}, "
-                             "resize 'letterbox'")
-        if not pixels_per_cell or min(pixels_per_cell) < 1 or orientations < 1 or cells_per_block < 1 or colour_bins < 0:
-            raise ModelConfigError("orientations, pixels_per_cell and cells_per_block must be positive, colour_bins >= 0")
+            raise ModelConfigError(f"preprocessing {preprocessing} not supported: keys "
+                                   f"{sorted(DEFAULT_PREPROCESSING)}, resize 'letterbox'")
+        if not pixels_per_cell or min(pixels_per_cell) < 1 or min(orientations, cells_per_block) < 1:
+            raise ModelConfigError(f"orientations ({orientations}), pixels_per_cell ({list(pixels_per_cell)}) and "
+                                   f"cells_per_block ({cells_per_block}) must be positive")
+        if colour_bins < 0 or lbp_grid < 0:
+            raise ModelConfigError(f"colour_bins ({colour_bins}) and lbp_grid ({lbp_grid}) must be >= 0 (0: not used)")
         self.classes = list(classes)
         self.preprocessing = resolved
-        self.C = float(C)
         hog_step = HOGTransformer(image_size=resolved["image_size"], fill=resolved["fill"], orientations=orientations,
                                   pixels_per_cell=tuple(pixels_per_cell), cells_per_block=cells_per_block,
-                                  colour_bins=colour_bins)
+                                  colour_bins=colour_bins, lbp_grid=lbp_grid)
         computed = hog_step.n_features
         if n_features is not None and n_features != computed:
-            raise ModelConfigError(f"n_features is {n_features}, but these HOG and colour parameters give {computed}")
+            raise ModelConfigError(f"n_features is {n_features}, but these feature parameters give {computed}")
         self.n_features = computed
         self._record_config(preprocessing=resolved, n_features=computed)
         self.pipeline = Pipeline([
             ("hog", hog_step),
             ("scale", StandardScaler()),
-            ("svm", LinearSVC(C=self.C, class_weight="balanced", max_iter=max_iter)),
+            # The dual solver: for the small C these standardised features want, it converges several
+            # times faster than the primal one (same optimum). It visits samples in a random order, hence
+            # random_state, so that training is reproducible.
+            ("svm", LinearSVC(C=C, class_weight="balanced", dual=True, max_iter=max_iter, random_state=random_state)),
         ])
         self.temperature = 1.0
         # Neutral arrays until trained: zero scores, so every class is equally likely.
@@ -197,13 +221,9 @@ class HogSvmClassifier(CheckpointMixin):
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         scaler, svm = self.pipeline["scale"], self.pipeline["svm"]
-        return {
-            "scale.mean": np.asarray(scaler.mean_, dtype=np.float64),
-            "scale.scale": np.asarray(scaler.scale_, dtype=np.float64),
-            "svm.coef": np.asarray(svm.coef_, dtype=np.float64),
-            "svm.intercept": np.asarray(svm.intercept_, dtype=np.float64),
-            "calibration.temperature": np.array([self.temperature]),
-        }
+        arrays = {"scale.mean": scaler.mean_, "scale.scale": scaler.scale_, "svm.coef": svm.coef_,
+                  "svm.intercept": svm.intercept_, "calibration.temperature": np.array([self.temperature])}
+        return {key: np.ascontiguousarray(value, dtype=np.float64) for key, value in arrays.items()}
 
     def _load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         # The fitted attributes scikit-learn's transform/decision_function read, set from the arrays.
@@ -224,21 +244,24 @@ class HogSvmClassifier(CheckpointMixin):
         """The HOG step alone: ``[n, n_features]`` features (also what a fusion model can consume)."""
         return self.pipeline["hog"].transform(images)
 
-    def fit(self, images: Sequence[ImageSource], labels: Sequence[int],
-            val_images: Sequence[ImageSource] | None = None, val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
+    def fit(self, images: Sequence[ImageSource], labels: Sequence[int], val_images: Sequence[ImageSource] | None = None,
+            val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
         """Train on images (PIL, bytes or paths) with label indices; validation images fit the temperature."""
         val_features = None if val_images is None else self.extract_features(val_images)
         return self.fit_features(self.extract_features(images), labels, val_features, val_labels)
 
-    def fit_features(self, features: np.ndarray, labels: Sequence[int],
-                     val_features: np.ndarray | None = None, val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
+    def fit_features(self, features: np.ndarray, labels: Sequence[int], val_features: np.ndarray | None = None,
+                     val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
         """Train the scaler and SVM on extracted features, then the temperature on validation features."""
         labels = np.asarray(labels)
         absent = sorted(set(range(len(self.classes))) - set(labels.tolist()))
         if absent or labels.min() < 0 or labels.max() >= len(self.classes):
-            raise ModelConfigError(f"training labels must be indices into the {len(self.classes)} classes and cover all of "
-                             f"them; classes without examples: {[self.classes[i] for i in absent]}")
+            raise ModelConfigError(f"training labels must be indices into the {len(self.classes)} classes and cover "
+                                   f"all of them; classes without examples: {[self.classes[i] for i in absent]}")
         self.pipeline[1:].fit(features, labels)
+        # Hold the arrays exactly as a loaded checkpoint does (liblinear leaves coef_ Fortran-ordered, and BLAS
+        # sums in a different order for it): a trained model and its reloaded copy then agree bit for bit.
+        self._load_state_arrays(self._state_arrays())
         self.temperature = 1.0
         if val_features is not None and val_labels is not None and len(val_labels):
             self.temperature = _fit_temperature(self._scores(val_features, from_features=True), np.asarray(val_labels))
@@ -246,7 +269,8 @@ class HogSvmClassifier(CheckpointMixin):
 
     # ---- prediction ----------------------------------------------------------------------------
     def _scores(self, inputs: Any, from_features: bool = False) -> np.ndarray:
-        scores = self.pipeline[1:].decision_function(inputs) if from_features else self.pipeline.decision_function(inputs)
+        steps = self.pipeline[1:] if from_features else self.pipeline
+        scores = steps.decision_function(inputs)
         return np.column_stack([-scores, scores]) / 2 if scores.ndim == 1 else scores
 
     def predict_proba(self, images: Sequence[ImageSource] | None = None,
@@ -355,7 +379,8 @@ def train_hog_svm(splits: dict[str, Marketplace], C_values: Sequence[float] = (0
         "temperature": model.temperature,
         "timing_s": {"feature_extraction": round(extraction_s, 2), "training": round(training_s, 2)},
     })
-    summary = {name: {key: value for key, value in split.summary().items() if key != "source"}
+    # Splits are subsets of one load: source and exclusions belong to the whole, not to each split.
+    summary = {name: {key: value for key, value in split.summary().items() if key not in ("source", "excluded")}
                for name, split in splits.items()}
     data_summary = {"source": splits["train"].source, "split": "by product, stratified on the label", **summary}
     return HogSvmRun(model, metrics, data_summary)

@@ -100,7 +100,8 @@ def _load_local_weights(backbone: nn.Module, path: Path, name: str) -> None:
     classifier = backbone.pretrained_cfg.get("classifier") or ""
     # The backbone is built without a classifier, so the file's classification layer has nowhere to go.
     state = {key: value for key, value in state.items() if not (classifier and key.startswith(classifier + "."))}
-    missing, unexpected = (sorted(keys) for keys in _key_mismatch(backbone.state_dict(), state))
+    expected = backbone.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise PretrainedWeightsError(
             f"weights file {path} does not fit backbone {name!r}: missing keys {missing[:5]}"
@@ -110,10 +111,6 @@ def _load_local_weights(backbone: nn.Module, path: Path, name: str) -> None:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shape mismatches
         raise PretrainedWeightsError(f"weights file {path} does not fit backbone {name!r}: {exc}") from exc
-
-
-def _key_mismatch(expected: dict[str, Any], found: dict[str, Any]) -> tuple[set[str], set[str]]:
-    return set(expected) - set(found), set(found) - set(expected)
 
 
 def _parameterised_layers(backbone: nn.Module) -> list[str]:
@@ -156,6 +153,16 @@ def _resolve_preprocessing(backbone: nn.Module, preprocessing: dict[str, Any] | 
 def _owns(module_names: Sequence[str], target: str) -> bool:
     """Whether the module/attribute path ``target`` lies inside (or contains) one of ``module_names``."""
     return any(target == m or target.startswith(m + ".") or m.startswith(target + ".") or m == "" for m in module_names)
+
+
+def _trace(backbone: nn.Module) -> fx.Graph:
+    """The backbone's forward as an fx graph, optional arguments (masks, flags) fixed at their defaults."""
+    parameters = list(inspect.signature(backbone.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    was_training = backbone.training
+    graph = _TimmTracer().trace(backbone.eval(), concrete_args=concrete or None)
+    backbone.train(was_training)
+    return graph
 
 
 def _split_graph(graph: fx.Graph, trainable: Sequence[str]) -> tuple[fx.Graph, fx.Graph, list[str]]:
@@ -251,7 +258,9 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         self.trainable_layer_names = _select_trainable(self.backbone, backbone, trainable_layers)
         for name, parameter in self.backbone.named_parameters():
             parameter.requires_grad_(self._is_trainable(name))
-        self.feature = nn.Sequential(nn.Linear(self.backbone.num_features, feature_dim), nn.ReLU())
+        # Pooled width: larger than num_features where a conv head follows the pooling (MobileNetV3).
+        pooled_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.feature = nn.Sequential(nn.Linear(pooled_dim, feature_dim), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(self.classes)))
         self.backbone.to(memory_format=torch.channels_last)
         self._frozen_graph_def, self._tail_graph_def, self.trunk_output_names = _split_graph(
@@ -297,7 +306,7 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         return tuple(outputs)
 
     def trainable_tail(self, *trunk_outputs: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features [n, num_features] from the frozen part's outputs."""
+        """Pooled backbone features [n, pooled width] from the frozen part's outputs."""
         return self._tail_graph(*(_channels_last(t) for t in trunk_outputs))
 
     def features_from_trunk(self, *trunk_outputs: torch.Tensor) -> torch.Tensor:
@@ -367,16 +376,6 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
             return super().from_pretrained(pretrained_model_name_or_path, revision=revision, **model_kwargs)  # type: ignore[return-value]
         finally:
             _LOADING_CHECKPOINT.reset(token)
-
-
-def _trace(backbone: nn.Module) -> fx.Graph:
-    """The backbone's forward as an fx graph, optional arguments (masks, flags) fixed at their defaults."""
-    parameters = list(inspect.signature(backbone.forward).parameters.values())[1:]
-    concrete = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    was_training = backbone.training
-    graph = _TimmTracer().trace(backbone.eval(), concrete_args=concrete or None)
-    backbone.train(was_training)
-    return graph
 
 
 # ---- training and evaluation on a marketplace -----------------------------------------------------------

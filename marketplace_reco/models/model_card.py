@@ -26,6 +26,9 @@ def render_model_card(model: CheckpointMixin, template_path: Path) -> str:
         for key, value in config.items()
         if key not in ("model_type", "format_version", "metrics", "data_summary", "classes", "preprocessing")
     }
+    # The card tabulates these; anything else a training run recorded is shown as JSON below the tables.
+    tabulated = ("split", "n_samples", "unit", "accuracy", "macro_f1", "per_class", "confusion_matrix")
+    other_metrics = {key: value for key, value in model.metrics.items() if key not in tabulated}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True)
     env.filters["json"] = lambda value: json.dumps(value, indent=2, sort_keys=True, default=str)
     return env.from_string(template).render(
@@ -36,6 +39,7 @@ def render_model_card(model: CheckpointMixin, template_path: Path) -> str:
         preprocessing=config.get("preprocessing") or {},
         hyperparameters=hyperparameters,
         metrics=model.metrics,
+        other_metrics=other_metrics,
         data_summary=model.data_summary,
         format_version=config["format_version"],
     )

@@ -91,7 +91,11 @@ def _stable_hash(text: str) -> int:
 
 @register_model("word2vec")
 class Word2VecEmbedding(CheckpointMixin):
-    """Word vectors from gensim's skip-gram word2vec with negative sampling."""
+    """Word vectors from gensim's skip-gram word2vec with negative sampling (build with ``train_word2vec``).
+
+    ``vocabulary`` (index order) and ``preprocessing`` (``TextPreprocessor.to_config()``) define the lookup;
+    ``window``, ``negative``, ``min_count``, ``epochs`` and ``seed`` record how the vectors were trained.
+    """
 
     input_kind = ""
     description = (

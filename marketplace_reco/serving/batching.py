@@ -103,7 +103,7 @@ class MicroBatcher(Generic[T, R]):
             except Exception as exc:  # noqa: BLE001 - the failure belongs to the waiting requests, not the worker
                 _fail(batch, exc)
             else:
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
             if self._on_batch is not None:

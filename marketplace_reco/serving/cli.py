@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.checkpoints is not None:
         # The model loader resolves names under MARKETPLACE_CHECKPOINTS, as everywhere in the project.
         os.environ["MARKETPLACE_CHECKPOINTS"] = str(args.checkpoints.absolute())
-    overrides = {name: getattr(args, name) for name in (*_OVERRIDABLE, "extra_models") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in (*_OVERRIDABLE, "extra_models")}
+    overrides = {name: value for name, value in given.items() if value is not None}
     settings = ServingSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

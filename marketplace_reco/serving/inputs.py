@@ -116,7 +116,7 @@ def form_inputs(endpoint: str, *, images: bool, texts: bool, batch: bool
 
 
 def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitable[PredictInputs]]:
-    """A dependency reading the texts of ``/text[/batch]``: JSON (``{"text": ...}`` / ``{"texts": [...]}``) or a form."""
+    """A dependency reading the texts of ``/text[/batch]``: JSON (``{"text": ...}``, ``{"texts": [...]}``) or a form."""
 
     async def read(request: Request, settings: SettingsDep) -> PredictInputs:
         media_type = _media_type(request.headers.get("content-type"))

@@ -84,7 +84,8 @@ class ModelPool:
         self._revisions: dict[str, str | None] = {}
         for name, revision in configured.values():
             if self._revisions.get(name, revision) != revision:
-                raise ValueError(f"model {name!r} is configured with two revisions: {self._revisions[name]!r}, {revision!r}")
+                raise ValueError(
+                    f"model {name!r} is configured with two revisions: {self._revisions[name]!r}, {revision!r}")
             self._revisions[name] = revision
         for name in settings.extra_models:
             self._revisions.setdefault(name, None)
@@ -180,7 +181,7 @@ class ModelPool:
             predictor.check_inputs(len(images), texts or None)
         except PredictorInputError as exc:
             raise InvalidInputError(str(exc)) from exc
-        decoded: list[Image.Image | None] = list(await run_in_threadpool(_decode, predictor, images)) if images else []
-        count = max(len(decoded), len(texts))
-        items = list(zip(decoded or [None] * count, texts or [None] * count))
-        return await served.batcher.submit_many(items)
+        count = max(len(images), len(texts))
+        decoded: list[Image.Image | None] = (
+            list(await run_in_threadpool(_decode, predictor, images)) if images else [None] * count)
+        return await served.batcher.submit_many(list(zip(decoded, texts or [None] * count, strict=True)))

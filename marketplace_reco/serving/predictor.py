@@ -111,7 +111,8 @@ class Predictor:
     def predict_decoded(self, images: list[Image.Image] | None, texts: list[str] | None) -> list[Prediction]:
         """One model call on inputs already checked and decoded (the micro-batcher's entry point)."""
         proba = self.model.predict_proba(images=images, texts=texts)
-        return [self._prediction(row, known) for row, known in zip(proba, self._known_tokens(texts, len(proba)))]
+        known_tokens = self._known_tokens(texts, len(proba))
+        return [self._prediction(row, known) for row, known in zip(proba, known_tokens, strict=True)]
 
     def _known_tokens(self, texts: list[str] | None, n: int) -> list[int | None]:
         # Text models count the words of each text they have a vector for (``known_token_counts``).

@@ -32,8 +32,6 @@ from ..settings import cache_dir
 
 #: Default memory budget: 2 GiB holds the ResNet-50 trunk outputs of ~8,000 photos at 224 px in float16.
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
-# Rows appended to a spill file before it is re-mapped for reading.
-_SPILL_GROWTH_ROWS = 256
 
 
 def state_fingerprint(description: Any, state: Mapping[str, torch.Tensor]) -> str:

@@ -37,7 +37,8 @@ def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[Ba
 
     properties = {}
     if images:
-        properties["image"] = field({"type": "string", "format": "binary", "description": "the photo ('img' works too)"})
+        properties["image"] = field({"type": "string", "format": "binary",
+                                     "description": "the photo ('img' works too)"})
     if texts:
         properties["text"] = field({"type": "string", "description": "the listing text ('txt' works too)"})
     form = {"schema": {"type": "object", "properties": properties, "required": list(properties)}}

@@ -57,8 +57,10 @@ EXPOSE 8008
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['MARKETPLACE_PORT'] + '/ready', timeout=4)"]
 CMD ["python", "-m", "marketplace_reco.serving"]
-# COPY writes root-owned files whatever USER says: the app can read its code and models, not change them.
-USER 10001:10001
-# The large layers last: with the vfs storage driver every later instruction would copy them again.
+# Root-owned and world-readable: the app can read its models and code, not change them (checkpoint weights
+# may have been written 0600 on the build host).
 COPY ${CHECKPOINTS_DIR}/ /models/
+RUN chmod -R a+rX /models
+USER 10001:10001
+# The largest layer last: with the vfs storage driver every later instruction would copy it again.
 COPY --from=build /opt/venv /opt/venv

@@ -2,7 +2,7 @@
 """Serving benchmark: throughput and latency over HTTP against the in-process batched throughput of the same models.
 
 ``scripts/serve.py`` is started as a separate process on a loopback port; then, for ``/image``, ``/text`` and
-``/combined`` in turn:
+``/combined`` in turn, ``--rounds`` times over (so both measurements meet the same load from other processes):
 1. in process: the endpoint's model predicts the sample listings (encoded photos and texts, decoding
    included) in batches of ``--max-batch-size``, as fast as it can, while the server idles;
 2. over HTTP: many concurrent clients send the server one listing per request.
@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,8 +40,8 @@ MIN_REQUESTS = 1000
 SERVED_RATIO_BAR = 0.8
 TEXT_P50_BAR_MS = 20.0
 _READY_TIMEOUT_S = 600
-_IN_PROCESS_MIN_S = 5.0
-_IN_PROCESS_MIN_BATCHES = 4
+_IN_PROCESS_MIN_S = 2.0
+_IN_PROCESS_MIN_BATCHES = 3
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,26 @@ class Listing:
 
 @dataclass
 class Run:
+    """One endpoint's measurements, added up over the rounds."""
+
     endpoint: str
-    requests: int
-    errors: int
     concurrency: int
-    seconds: float
-    latencies_ms: np.ndarray
-    in_process_per_s: float
+    in_process_rates: list[float] = field(default_factory=list)
+    served_seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_ms)
 
     @property
     def throughput(self) -> float:
-        return self.requests / self.seconds
+        return self.requests / self.served_seconds
+
+    @property
+    def in_process_per_s(self) -> float:
+        return float(np.mean(self.in_process_rates))
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -84,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="distinct listings cycled through (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=MIN_REQUESTS,
                         help="requests per endpoint (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="in-process and served measurements alternate this many times (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="concurrent clients for /image and /combined (default: %(default)s)")
     parser.add_argument("--text-concurrency", type=int, default=8,
@@ -119,15 +130,15 @@ def _in_process_per_s(predictor: Predictor, listings: list[Listing], batch_size:
     return done / (time.perf_counter() - started)
 
 
-def _best_in_process_per_s(name: str, listings: list[Listing], args: argparse.Namespace) -> float:
-    """In-process inputs/s of model ``name``: the better of the server's torch thread count and all cores."""
-    predictor = Predictor.from_pretrained(name)
-    rates = []
+def _best_in_process_per_s(predictor: Predictor, listings: list[Listing], args: argparse.Namespace) -> float:
+    """In-process inputs/s: the better of the server's torch thread count and all cores."""
+    rates = {}
     for threads in sorted({args.torch_threads, len(os.sched_getaffinity(0))}):
         torch.set_num_threads(threads)
-        rates.append(_in_process_per_s(predictor, listings, args.max_batch_size))
-        print(f"in process: {name}, {threads} torch threads: {rates[-1]:.1f} inputs/s", flush=True)
-    return max(rates)
+        rates[threads] = _in_process_per_s(predictor, listings, args.max_batch_size)
+    print(f"  in process {predictor.name}: " + ", ".join(f"{rate:.1f}/s with {threads} torch threads"
+                                                     for threads, rate in rates.items()), flush=True)
+    return max(rates.values())
 
 
 def _batch_kwargs(predictor: Predictor, batch: list[Listing]) -> dict[str, list]:
@@ -178,12 +189,9 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     raise SystemExit(f"the server was not ready within {_READY_TIMEOUT_S} s")
 
 
-async def _drive(base_url: str, endpoint: str, listings: list[Listing], n_requests: int,
-                 concurrency: int) -> tuple[float, np.ndarray, int]:
-    """Send ``n_requests`` from ``concurrency`` clients; (wall seconds, latencies in ms, errors)."""
-    requests = _encoded_requests(endpoint, listings)
-    latencies: list[float] = []
-    errors = 0
+async def _drive(base_url: str, run: Run, requests: list[tuple[bytes, dict[str, str]]], n_requests: int) -> None:
+    """Send ``n_requests`` from ``run.concurrency`` clients; add time, latencies and errors to ``run``."""
+    endpoint, concurrency = run.endpoint, run.concurrency
     next_index = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=120) as client:
@@ -193,7 +201,7 @@ async def _drive(base_url: str, endpoint: str, listings: list[Listing], n_reques
             return await client.post(f"/{endpoint}", content=body, headers=headers)
 
         async def one_client() -> None:
-            nonlocal next_index, errors
+            nonlocal next_index
             while next_index < n_requests:
                 index = next_index
                 next_index += 1
@@ -203,15 +211,14 @@ async def _drive(base_url: str, endpoint: str, listings: list[Listing], n_reques
                     ok = response.status_code == 200 and bool(response.json().get("pred"))
                 except httpx.HTTPError:
                     ok = False
-                latencies.append((time.perf_counter() - started) * 1000)
-                errors += not ok
+                run.latencies_ms.append((time.perf_counter() - started) * 1000)
+                run.errors += not ok
 
         # Warm-up: connections opened, first batches run; not measured.
         await asyncio.gather(*(send(index) for index in range(concurrency)))
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return seconds, np.asarray(latencies), errors
+        run.served_seconds += time.perf_counter() - started
 
 
 def _table(runs: list[Run]) -> str:
@@ -252,15 +259,18 @@ def main() -> None:
     runs = []
     try:
         for endpoint, name in models.items():
-            # In process right before the served run of the same model (the server idles meanwhile), so both
-            # meet the same load from whatever else runs on the machine.
-            in_process = _best_in_process_per_s(name, listings, args)
-            concurrency = args.text_concurrency if endpoint == "text" else args.concurrency
-            seconds, latencies, errors = asyncio.run(
-                _drive(f"http://127.0.0.1:{port}", endpoint, listings, args.requests, concurrency))
-            runs.append(Run(endpoint, args.requests, errors, concurrency, seconds, latencies, in_process))
-            print(f"served: /{endpoint} {runs[-1].throughput:.1f} req/s, p50 {runs[-1].percentile(50):.1f} ms",
-                  flush=True)
+            predictor = Predictor.from_pretrained(name)
+            requests = _encoded_requests(endpoint, listings)
+            run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency)
+            # Rounds alternate in process (the server idles) and served, so that both meet the same load from
+            # whatever else runs on the machine.
+            for round_requests in np.array_split(np.arange(args.requests), args.rounds):
+                run.in_process_rates.append(_best_in_process_per_s(predictor, listings, args))
+                asyncio.run(_drive(f"http://127.0.0.1:{port}", run, requests, len(round_requests)))
+                print(f"  served /{endpoint}: {run.requests} requests so far, {run.throughput:.1f} req/s", flush=True)
+            runs.append(run)
+            print(f"/{endpoint}: in process {run.in_process_per_s:.1f}/s, served {run.throughput:.1f} req/s, "
+                  f"p50 {run.percentile(50):.1f} ms", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -278,7 +288,8 @@ def main() -> None:
         f"`python scripts/bench_serving.py {' '.join(sys.argv[1:])}`\n\n{setup}.\n\n{table}\n\n"
         "In-process: `Predictor.predict_batch` on encoded photos/texts (decoding included), batches of the "
         "server's max batch size, the better of the server's torch thread count and all cores. Served: one "
-        "listing per request over HTTP from a separate server process, clients on the same machine.\n\n"
+        "listing per request over HTTP from a separate server process, clients on the same machine. The two "
+        f"alternate in {args.rounds} rounds per endpoint, so both meet the same load from other processes.\n\n"
         f"Bars: served >= {SERVED_RATIO_BAR} x in-process for /image and /combined, zero errors, "
         f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n",
         encoding="utf-8")

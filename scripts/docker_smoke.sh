@@ -33,6 +33,7 @@ cleanup() {
     rm -rf "$workdir"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 step() { printf '\n== %s\n' "$*"; }
 has_models() {
@@ -62,7 +63,10 @@ if ! has_models "$checkpoints"; then
         && "$python" scripts/train_combined.py --epochs 2) >"$workdir/train.log" 2>&1 \
         || { tail -n 30 "$workdir/train.log"; exit 1; }
 fi
-ls "$checkpoints"
+# The container runs as uid 10001: give it a readable copy (checkpoint weights may be written 0600).
+cp -r "$checkpoints" "$workdir/models"
+chmod -R a+rX "$workdir/models"
+ls "$workdir/models"
 
 step "build $image (local package mirror on loopback)"
 # A fixed port: the build arguments carry the index URL, and a new URL would defeat the layer cache.
@@ -83,7 +87,7 @@ step "run"
 port=$(free_port)
 docker run -d --name "$container" --network host \
     -e MARKETPLACE_HOST=127.0.0.1 -e MARKETPLACE_PORT="$port" \
-    -v "$checkpoints:/models:ro" "$image" >/dev/null
+    -v "$workdir/models:/models:ro" "$image" >/dev/null
 url=http://127.0.0.1:$port
 for _ in $(seq 300); do
     if curl -fsS "$url/ready" >/dev/null 2>&1; then break; fi

@@ -84,7 +84,7 @@ class _Repo:
         return revision if revision in self.commits else None
 
 
-class HubError(Exception):
+class ApiError(Exception):
     """An API error: HTTP status, the Hub's ``X-Error-Code`` and a message."""
 
     def __init__(self, status: HTTPStatus, message: str, code: str | None = None, **extra: Any) -> None:
@@ -143,12 +143,12 @@ class FakeHub:
         try:
             return self.repos[repo_id]
         except KeyError:
-            raise HubError(HTTPStatus.NOT_FOUND, f"Repository {repo_id} not found", "RepoNotFound") from None
+            raise ApiError(HTTPStatus.NOT_FOUND, f"Repository {repo_id} not found", "RepoNotFound") from None
 
     def _commit(self, repo: _Repo, revision: str) -> str:
         sha = repo.resolve(revision)
         if sha is None:
-            raise HubError(HTTPStatus.NOT_FOUND, f"Invalid rev id: {revision}", "RevisionNotFound")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"Invalid rev id: {revision}", "RevisionNotFound")
         return sha
 
     def _new_commit(self, repo: _Repo, parent: str | None, tree: dict[str, _Entry], summary: str) -> str:
@@ -160,10 +160,10 @@ class FakeHub:
     def create_repo(self, body: dict[str, Any]) -> dict[str, Any]:
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
         if body.get("type", "model") != "model":
-            raise HubError(HTTPStatus.BAD_REQUEST, "only model repositories are served here")
+            raise ApiError(HTTPStatus.BAD_REQUEST, "only model repositories are served here")
         if repo_id in self.repos:
             # The Hub's conflict answer still carries the URL, which create_repo(exist_ok=True) returns.
-            raise HubError(HTTPStatus.CONFLICT, "You already created this model repo", url=f"{self.endpoint}/{repo_id}")
+            raise ApiError(HTTPStatus.CONFLICT, "You already created this model repo", url=f"{self.endpoint}/{repo_id}")
         repo = self.repos[repo_id] = _Repo()
         repo.branches["main"] = self._new_commit(repo, None, {}, "initial commit")
         return {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}
@@ -171,7 +171,7 @@ class FakeHub:
     def create_branch(self, repo_id: str, branch: str, body: dict[str, Any]) -> dict[str, Any]:
         repo = self._repo(repo_id)
         if branch in repo.branches:
-            raise HubError(HTTPStatus.CONFLICT, f"Reference refs/heads/{branch} already exists")
+            raise ApiError(HTTPStatus.CONFLICT, f"Reference refs/heads/{branch} already exists")
         repo.branches[branch] = self._commit(repo, body.get("startingPoint") or "main")
         return {}
 
@@ -191,7 +191,7 @@ class FakeHub:
     def lfs_batch(self, repo_id: str, body: dict[str, Any]) -> dict[str, Any]:
         self._repo(repo_id)
         if body.get("operation") != "upload" or "basic" not in body.get("transfers", ["basic"]):
-            raise HubError(HTTPStatus.BAD_REQUEST, "only the basic upload transfer is served here")
+            raise ApiError(HTTPStatus.BAD_REQUEST, "only the basic upload transfer is served here")
         objects = []
         for obj in body["objects"]:
             answer: dict[str, Any] = {"oid": obj["oid"], "size": obj["size"]}
@@ -203,24 +203,24 @@ class FakeHub:
 
     def lfs_put(self, oid: str, content: bytes) -> dict[str, Any]:
         if hashlib.sha256(content).hexdigest() != oid:
-            raise HubError(HTTPStatus.BAD_REQUEST, f"uploaded content does not hash to {oid}")
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"uploaded content does not hash to {oid}")
         self.lfs_objects[oid] = content
         return {}
 
     def lfs_verify(self, body: dict[str, Any]) -> dict[str, Any]:
         content = self.lfs_objects.get(body["oid"])
         if content is None or len(content) != body["size"]:
-            raise HubError(HTTPStatus.NOT_FOUND, f"LFS object {body['oid']} of size {body['size']} not uploaded")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"LFS object {body['oid']} of size {body['size']} not uploaded")
         return {}
 
     def commit(self, repo_id: str, revision: str, lines: list[dict[str, Any]]) -> dict[str, Any]:
         repo = self._repo(repo_id)
         if revision not in repo.branches:
-            raise HubError(HTTPStatus.NOT_FOUND, f"Invalid rev id: {revision} is not a branch", "RevisionNotFound")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"Invalid rev id: {revision} is not a branch", "RevisionNotFound")
         parent = repo.branches[revision]
         header = next(line["value"] for line in lines if line["key"] == "header")
         if header.get("parentCommit") not in (None, parent):
-            raise HubError(HTTPStatus.PRECONDITION_FAILED, f"parent commit is {parent}, not {header['parentCommit']}")
+            raise ApiError(HTTPStatus.PRECONDITION_FAILED, f"parent commit is {parent}, not {header['parentCommit']}")
         tree = dict(repo.commits[parent])
         for line in lines:
             key, value = line["key"], line["value"]
@@ -228,13 +228,13 @@ class FakeHub:
                 tree[value["path"]] = _Entry(base64.b64decode(value["content"]), lfs=False)
             elif key == "lfsFile":
                 if value["oid"] not in self.lfs_objects:
-                    raise HubError(HTTPStatus.UNPROCESSABLE_ENTITY, f"LFS object {value['oid']} was never uploaded")
+                    raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, f"LFS object {value['oid']} was never uploaded")
                 tree[value["path"]] = _Entry(self.lfs_objects[value["oid"]], lfs=True)
             elif key == "deletedFile":
                 if tree.pop(value["path"], None) is None:
-                    raise HubError(HTTPStatus.NOT_FOUND, "A file with this name doesn't exist", "EntryNotFound")
+                    raise ApiError(HTTPStatus.NOT_FOUND, "A file with this name doesn't exist", "EntryNotFound")
             elif key != "header":
-                raise HubError(HTTPStatus.BAD_REQUEST, f"commit operation {key!r} is not served here")
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"commit operation {key!r} is not served here")
         sha = repo.branches[revision] = self._new_commit(repo, parent, tree, header["summary"])
         return {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
 
@@ -259,7 +259,7 @@ class FakeHub:
         sha = self._commit(repo, revision)
         entry = repo.commits[sha].get(path)
         if entry is None:
-            raise HubError(HTTPStatus.NOT_FOUND, f"Entry {path} not found at {revision}", "EntryNotFound")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"Entry {path} not found at {revision}", "EntryNotFound")
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.blob_id}"'}
         if entry.lfs:
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(len(entry.content))})
@@ -272,7 +272,7 @@ def _validate_yaml(body: dict[str, Any]) -> dict[str, Any]:
         try:
             yaml.safe_load(match.group(1))
         except yaml.YAMLError as exc:
-            raise HubError(HTTPStatus.BAD_REQUEST, f"invalid YAML metadata: {exc}") from exc
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid YAML metadata: {exc}") from exc
     return {"errors": [], "warnings": []}
 
 
@@ -339,12 +339,12 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     for route_method, pattern, write, handler in _ROUTES:
                         if route_method == method and (match := pattern.fullmatch(path)):
                             if write and not self._authorised():
-                                raise HubError(HTTPStatus.UNAUTHORIZED, "Invalid credentials in Authorization header")
+                                raise ApiError(HTTPStatus.UNAUTHORIZED, "Invalid credentials in Authorization header")
                             answer = json.dumps(handler(hub, match, body)).encode()
                             self._send(HTTPStatus.OK, answer, {"Content-Type": "application/json"})
                             return
-                raise HubError(HTTPStatus.NOT_FOUND, f"{method} {path} is not served by the fake Hub")
-            except HubError as exc:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"{method} {path} is not served by the fake Hub")
+            except ApiError as exc:
                 headers = {"Content-Type": "application/json", "X-Error-Message": str(exc)}
                 if exc.code:
                     headers["X-Error-Code"] = exc.code

@@ -102,7 +102,8 @@ class CheckpointMixin(ModelHubMixin):
         return folder
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        arrays = {key: np.ascontiguousarray(value) for key, value in self._state_arrays().items()}
+        # np.require keeps 0-d arrays (e.g. BatchNorm's num_batches_tracked) 0-d; ascontiguousarray would not.
+        arrays = {key: np.require(value, requirements="C") for key, value in self._state_arrays().items()}
         checksums = {key: _array_sha256(value) for key, value in arrays.items()}
         save_file(arrays, str(save_directory / WEIGHTS_FILE),
                   metadata={"format": "np", _CHECKSUMS_METADATA: json.dumps(checksums, sort_keys=True)})

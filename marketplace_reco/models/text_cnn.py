@@ -12,6 +12,7 @@ the batch and windows that reach into the padding are masked out of the max-pool
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -218,6 +219,7 @@ def train_text_cnn(
     learning_rate: float = 2e-3,
     weight_decay: float = 0.01,
     patience: int = 4,
+    label_smoothing: float = 0.0,
     seed: int = 0,
     context: DistributedContext | None = None,
 ) -> FitResult:
@@ -235,6 +237,7 @@ def train_text_cnn(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
                                                     total_steps=epochs * len(train))
     result = fit(wrapped, train, val, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
-                 patience=patience, monitor="val_accuracy", context=context, desc="text-cnn")
+                 loss_fn=partial(F.cross_entropy, label_smoothing=label_smoothing), patience=patience,
+                 monitor="val_accuracy", context=context, desc="text-cnn")
     model.eval()
     return result

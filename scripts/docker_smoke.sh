@@ -138,6 +138,7 @@ echo "docker health status: $health"
 step "image"
 docker image ls "$image"
 echo "size: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1 / 1e9}')"
-echo "of which CUDA libraries (from this mirror's torch build): $(docker run --rm --entrypoint sh "$image" -c \
-    'du -sh /opt/venv/lib/python3*/site-packages/nvidia /opt/venv/lib/python3*/site-packages/triton 2>/dev/null | awk "{print \$2 \": \" \$1}" | paste -sd " " -')"
+# In the running container: with vfs, a new container would first copy the whole image.
+echo "of which CUDA-only packages (this mirror's torch build; none from the CPU index):"
+docker exec "$container" sh -c 'du -sh /opt/venv/lib/python3*/site-packages/nvidia /opt/venv/lib/python3*/site-packages/triton'
 echo "smoke test passed"

@@ -38,12 +38,12 @@ from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("tfidf-svm", "cnn-fine-tuned", "cnn-frozen")
+ROWS = ("tfidf-svm", "cnn-frozen", "cnn-fine-tuned")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train TF-IDF + LinearSVC and word2vec + text CNN (fine-tuned and frozen embedding) on the same "
+        description="Train TF-IDF + LinearSVC and word2vec + text CNN (frozen and fine-tuned embedding) on the same "
                     "product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
     )
     source = parser.add_argument_group("data: an export folder (imported into a temporary SQLite) or a database")
@@ -114,8 +114,7 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         "- `tfidf-svm`: word 1-2-gram TF-IDF with sublinear tf over the same tokens (TextPreprocessor defaults), "
         "LinearSVC C=1 (reference).",
         "- `cnn-*`: skip-gram word2vec trained on each split's training text only, then the text CNN with the "
-        "library defaults, which are scripts/train_text_cnn.py's (`cnn-fine-tuned` is the default, `cnn-frozen` is "
-        "`--freeze-embedding`); `train s` includes word2vec training.",
+        "library defaults (scripts/train_text_cnn.py defaults); `train s` includes word2vec training.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"with {torch.get_num_threads()} thread(s); 1-minute load average at the end {load:.1f}. The cores are "

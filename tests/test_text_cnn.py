@@ -43,7 +43,7 @@ def _model(embedding: Word2VecEmbedding, **hyperparameters: object) -> TextCNN:
 
 @pytest.fixture(scope="module")
 def trained(embedding: Word2VecEmbedding) -> TextCNN:
-    model = _model(embedding)
+    model = _model(embedding, fine_tune_embedding=True)
     train_texts, train_labels = _data(45, seed=0)
     val_texts, val_labels = _data(15, seed=1)
     train_text_cnn(model, train_texts, train_labels, val_texts, val_labels, epochs=10, batch_size=8,
@@ -64,7 +64,7 @@ def test_the_cnn_learns_and_fine_tunes_the_embedding_but_never_the_padding_row(
 
 
 def test_a_frozen_embedding_stays_the_word2vec_vectors(embedding: Word2VecEmbedding) -> None:
-    model = _model(embedding, fine_tune_embedding=False)
+    model = _model(embedding)
     texts, labels = _data(24, seed=3)
     train_text_cnn(model, texts, labels, texts, labels, epochs=2, batch_size=8, learning_rate=0.02)
     assert not model.embedding.weight.requires_grad
@@ -151,7 +151,7 @@ def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str
     model = load_model(str(folder))
     assert model.metrics["split"] == "test" and 0.0 <= model.metrics["macro_f1"] <= 1.0
     assert model.metrics["processes"] == 1 and len(model.metrics["per_class"]) == 13
-    assert model.config["word2vec"]["name"] == "word2vec" and model.config["fine_tune_embedding"] is True
+    assert model.config["word2vec"]["name"] == "word2vec" and model.config["fine_tune_embedding"] is False
     assert "| accuracy |" in (folder / "README.md").read_text()
 
     # An embedding trained on another split may have read this split's test listings: refused.
@@ -163,7 +163,7 @@ def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str
 def test_train_text_cnn_runs_unchanged_under_torchrun(sample_data: dict[str, str], tmp_path: Path) -> None:
     completed = _run(
         [str(REPO_ROOT / "scripts" / "train_text_cnn.py"), "--db-url", sample_data["db_url"], "--images",
-         sample_data["image_location"], "--train-word2vec", "--word2vec", "w2v-ddp", "--freeze-embedding",
+         sample_data["image_location"], "--train-word2vec", "--word2vec", "w2v-ddp", "--fine-tune-embedding",
          *_SMALL],
         tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     )
@@ -171,5 +171,5 @@ def test_train_text_cnn_runs_unchanged_under_torchrun(sample_data: dict[str, str
     assert (tmp_path / "w2v-ddp" / "embedding_2d.png").is_file()
     model = load_model(str(tmp_path / "text-cnn"))
     assert model.metrics["processes"] == 2
-    assert model.config["word2vec"]["name"] == "w2v-ddp" and model.config["fine_tune_embedding"] is False
+    assert model.config["word2vec"]["name"] == "w2v-ddp" and model.config["fine_tune_embedding"] is True
     assert len(json.loads((tmp_path / "text-cnn" / "history.json").read_text())) >= 1

@@ -298,6 +298,7 @@ def main() -> None:
     listings = _listings(args)
     models = {"image": args.image_model, "text": args.text_model, "combined": args.combined_model}
 
+    load_before = os.getloadavg()[0]
     port = _free_port()
     server = _start_server(args, port)
     runs = []
@@ -324,7 +325,8 @@ def main() -> None:
     verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
     setup = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
              f"server {args.torch_threads} torch threads, max batch {args.max_batch_size}, "
-             f"max wait {args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items()))
+             f"max wait {args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items())
+             + f"; load average from other processes: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     report = args.report or reports_dir() / "bench_serving.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(

@@ -58,7 +58,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['MARKETPLACE_PORT'] + '/ready', timeout=4)"]
 CMD ["python", "-m", "marketplace_reco.serving"]
 # Root-owned and world-readable: the app can read its models and code, not change them (checkpoint weights
-# may have been written 0600 on the build host).
+# may have been written 0600 under a strict umask on the build host).
 COPY ${CHECKPOINTS_DIR}/ /models/
 RUN chmod -R a+rX /models
 USER 10001:10001

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def _path_from_env(variable: str, default: str) -> Path:
@@ -53,3 +54,16 @@ def reports_dir() -> Path:
 def cache_dir() -> Path:
     """Folder for downloaded files such as S3 photos (``MARKETPLACE_CACHE``, default ``.cache/``)."""
     return _path_from_env("MARKETPLACE_CACHE", ".cache")
+
+
+def s3_client(*, read_timeout: float, max_pool_connections: int = 10) -> Any:
+    """A boto3 S3 client for the endpoint and credentials of the environment (``AWS_ENDPOINT_URL``, ...).
+
+    Short connect timeout and few retries: an unreachable endpoint should fail in seconds, not minutes.
+    """
+    import boto3  # here, so that reading a setting does not import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=5, read_timeout=read_timeout, retries={"max_attempts": 3, "mode": "standard"},
+                    max_pool_connections=max_pool_connections)
+    return boto3.client("s3", config=config)

@@ -9,8 +9,8 @@ with the product's text and averages likewise.
 
 The image model is trained from scratch (no pretrained weights can be downloaded here): by default a
 ResNet-10-T (timm ``resnet10t``) at 96 px, every layer trainable, with augmentation, for a fixed number
-of epochs (the CPU budget, stated in the report with the measured time). ResNet-50 from scratch would
-need far more epochs than two CPU cores can run; a small ResNet learns the most per CPU-second.
+of epochs (the CPU budget, stated in the report with the measured time). A ResNet-50 needs 3.7 times the
+multiply-adds at 96 px (20 times at 224 px), so on two CPU cores it would see a fraction of the epochs.
 
     python scripts/bench_models.py                           # real data in ../shared/marketplace
     python scripts/bench_models.py --sample                  # the embedded synthetic sample (390 products)
@@ -40,12 +40,12 @@ from marketplace_reco.models.errors import CheckpointError
 from marketplace_reco.models.fusion import FusionClassifier, evaluate_fusion, train_fusion
 from marketplace_reco.models.hog_svm import train_hog_svm
 from marketplace_reco.models.image_classifier import ImageClassifier, evaluate_image_classifier, train_image_classifier
-from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
+from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
 from marketplace_reco.models.word2vec import train_word2vec_on_split
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
 from marketplace_reco.training.metrics import evaluate
-from marketplace_reco.training.runs import finish_run
+from marketplace_reco.training.runs import finish_run, split_summary
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 COLUMNS = ("model", "configuration", "accuracy", "macro-F1", "train s", "test products")
@@ -122,8 +122,7 @@ def _benchmark(args: argparse.Namespace, splits: dict[str, Marketplace]) -> tupl
     rows: list[list[str]] = []
     accuracy: dict[str, float] = {}
     # What the training scripts record, so train_combined.py accepts saved branches for this split.
-    data_summary = {"split": "by product, stratified on the label", "seed": args.seed, **train.summary(),
-                    "sizes": {name: len(split.products) for name, split in splits.items()}}
+    data_summary = split_summary(splits, args.seed)
 
     def save(model: Any, name: str, metrics: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
         if args.save_to is not None:
@@ -151,15 +150,15 @@ def _benchmark(args: argparse.Namespace, splits: dict[str, Marketplace]) -> tupl
     embedding = train_word2vec_on_split(train, seed=args.seed)
     torch.manual_seed(args.seed)
     text = TextCNN.from_word2vec(embedding, train.classes)
-    result = train_text_cnn(text, train.products["text"].tolist(), train.label_indices,
-                            val.products["text"].tolist(), val.label_indices, epochs=args.text_epochs, seed=args.seed)
+    results = train_text_cnn(text, train.products["text"].tolist(), train.label_indices,
+                             val.products["text"].tolist(), val.label_indices, epochs=args.text_epochs, seed=args.seed)
     seconds = time.perf_counter() - started
     # The same products as the photo-based models: those with at least one photo.
     with_photos = test.subset(test.products.loc[test.products["image_ids"].map(len) > 0, "product_id"])
     metrics = evaluate(with_photos.label_indices, text.predict_proba(texts=with_photos.products["text"].tolist()),
                        text.classes, split="test")
     accuracy["text"] = metrics["accuracy"]
-    save(text, "text-cnn", metrics, result.history)
+    save(text, "text-cnn", metrics, members_history(results))
     rows.append(_row("text", f"word2vec + text CNN, {args.text_epochs} epochs", metrics, seconds))
     print(_table(rows), flush=True)
 
@@ -207,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Data: {described}, split by product 80/10/10 (stratified, seed {args.seed}): {sizes} products. "
         "Accuracy and macro-F1 per held-out test product (photo models average a product's photos; fusion "
         "pairs each photo with the product's text). Train seconds include feature extraction and caching.\n\n"
-        f"{_table(rows)}\n\n**{verdict}**\n",
+        f"{_table(rows)}\n\n**{verdict}**\n\n"
+        f"The image model is trained from scratch ({args.image_backbone}, {args.image_size} px, every layer trainable, "
+        f"random crops, flips and colour jitter, {args.image_epochs} epochs: its CPU budget, measured above): no "
+        "pretrained weights can be downloaded on these machines, and a ResNet-50 needs 3.7 times the "
+        "multiply-adds of a ResNet-10-T at 96 px (20 times at its own 224 px), so from scratch it would see a "
+        "fraction of the epochs in the same CPU time. With pretrained weights (the "
+        "default of scripts/train_image.py) the image model, and with it the fusion model, would be much stronger.\n",
         encoding="utf-8",
     )
     print(f"report: {report}")

@@ -38,7 +38,7 @@ from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("tfidf-svm", "cnn-frozen", "cnn-fine-tuned")
+ROWS = ("tfidf-svm", "cnn-fine-tuned", "cnn-frozen")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="held-out test share (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="models to run (default: all)")
+    parser.add_argument("--ensemble-sizes", type=int, nargs="+", default=[1, 3, 5],
+                        help="CNN ensembles to score: the largest is trained, a smaller one is its first members "
+                             "(exactly what --ensemble-size k trains), 1 is the mean of the members scored alone "
+                             "(default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
                         help="report file (default: <reports folder>/bench_text.md)")
     return parser
@@ -74,16 +78,35 @@ def _tfidf_svm(splits: dict[str, Marketplace], seed: int) -> tuple[np.ndarray, f
     return classifier.decision_function(vectorizer.transform(splits["test"].products["text"])), seconds
 
 
-def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbedding,
-              fine_tune: bool) -> tuple[np.ndarray, float]:
-    """The text CNN with the library's (and the training script's) defaults over ``embedding``."""
+def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbedding, fine_tune: bool,
+              ensemble_size: int) -> tuple[np.ndarray, float]:
+    """The text CNN with the library's (and the training script's) defaults over ``embedding``, with
+    ``ensemble_size`` members: each member's test probabilities [n, members, classes] and the training seconds."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    model = TextCNN.from_word2vec(embedding, splits["train"].classes, fine_tune_embedding=fine_tune)
+    model = TextCNN.from_word2vec(embedding, splits["train"].classes, fine_tune_embedding=fine_tune,
+                                  ensemble_size=ensemble_size)
     train_text_cnn(model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
                    splits["val"].products["text"].tolist(), splits["val"].label_indices, seed=seed)
     seconds = time.perf_counter() - started
-    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds
+    return model.predict_member_proba(splits["test"].products["text"].tolist()), seconds
+
+
+def _ensembles(labels: np.ndarray, member_scores: np.ndarray, sizes: list[int], classes: list[str],
+               cnn_seconds: float, word2vec_s: float) -> dict[int, dict[str, float]]:
+    """Scores of the ensembles of the first k members (k = 1: the members alone, averaged) and their cost."""
+    trained = member_scores.shape[1]
+    scored = {}
+    for k in sizes:
+        if k == 1:
+            alone = [evaluate(labels, member_scores[:, m], classes) for m in range(trained)]
+            metrics = {key: statistics.mean(a[key] for a in alone) for key in ("accuracy", "macro_f1")}
+        else:
+            metrics = evaluate(labels, member_scores[:, :k].mean(axis=1), classes)
+        # Members train one after the other, so k of them cost k / trained of the CNN time.
+        scored[k] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                     "seconds": word2vec_s + cnn_seconds * k / trained}
+    return scored
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -114,7 +137,12 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         "- `tfidf-svm`: word 1-2-gram TF-IDF with sublinear tf over the same tokens (TextPreprocessor defaults), "
         "LinearSVC C=1 (reference).",
         "- `cnn-*`: skip-gram word2vec trained on each split's training text only, then the text CNN with the "
-        "library defaults (scripts/train_text_cnn.py defaults); `train s` includes word2vec training.",
+        "library defaults (scripts/train_text_cnn.py's) but `ensemble_size`: members trained one after the other "
+        "(seeds seed, seed+1, ...), their probabilities averaged. `cnn-frozen` keeps the word2vec vectors fixed "
+        "(the default), `cnn-fine-tuned` trains them too (`--fine-tune-embedding`).",
+        f"- `k members`: the first k of the {max(args.ensemble_sizes)} trained members, exactly what "
+        "`--ensemble-size k` trains; `1 member` is the mean of the members scored alone. `train s` is word2vec "
+        "plus k members' share of the CNN time.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"with {torch.get_num_threads()} thread(s); 1-minute load average at the end {load:.1f}. The cores are "
@@ -141,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in args.rows}
+    results: dict[str, list[dict[str, float]]] = {}
     sizes: dict[str, int] = {}
     for seed in args.seeds:
         splits = marketplace.split(fractions, seed=seed)
@@ -150,18 +178,25 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.rows:
             if name == "tfidf-svm":
                 scores, seconds = _tfidf_svm(splits, seed)
+                metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
+                scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows
                     started = time.perf_counter()
                     embedding = train_word2vec_on_split(splits["train"], seed=seed)
                     word2vec_s = time.perf_counter() - started
-                scores, seconds = _text_cnn(splits, seed, embedding, fine_tune=name == "cnn-fine-tuned")
-                seconds += word2vec_s
-            metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
-            results[name].append({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds})
-            print(f"seed {seed} {name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-                  f"{seconds:.1f}s", flush=True)
-    report = _report(results, args, marketplace.source.get("database", db_url), sizes)
+                member_scores, seconds = _text_cnn(splits, seed, embedding, fine_tune=name == "cnn-fine-tuned",
+                                                   ensemble_size=max(args.ensemble_sizes))
+                by_size = _ensembles(splits["test"].label_indices, member_scores,
+                                     sorted(args.ensemble_sizes, reverse=True), marketplace.classes, seconds,
+                                     word2vec_s)
+                scored = {f"{name}, {k} member{'s' if k > 1 else ''}": row for k, row in by_size.items()}
+            for row_name, row in scored.items():
+                results.setdefault(row_name, []).append(row)
+                print(f"seed {seed} {row_name}: accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
+                      f"{row['seconds']:.1f}s", flush=True)
+    source = args.db_url or f"{args.shared} (imported into a temporary SQLite database)"
+    report = _report(results, args, source, sizes)
     output = args.output or reports_dir() / "bench_text.md"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report, encoding="utf-8")

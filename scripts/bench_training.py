@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([
         "| run | setup s | first epoch s | mean epoch s | final val loss | cached MB |",
         "|---|---|---|---|---|---|",
-        f"| without cache (decode photos) | {uncached['setup']:.1f} | {uncached['first']:.1f} | {uncached['epoch']:.1f} "
-        f"| {uncached['val_loss']:.4f} | - |",
+        f"| without cache (decode photos) | {uncached['setup']:.1f} | {uncached['first']:.1f} "
+        f"| {uncached['epoch']:.1f} | {uncached['val_loss']:.4f} | - |",
         f"| with cache (frozen trunk once per photo) | {cached['setup']:.1f} | {cached['first']:.1f} "
         f"| {cached['epoch']:.1f} | {cached['val_loss']:.4f} | {cached['cache_mb']:.0f} |",
     ])

@@ -63,7 +63,7 @@ if ! has_models "$checkpoints"; then
         && "$python" scripts/train_combined.py --epochs 2) >"$workdir/train.log" 2>&1 \
         || { tail -n 30 "$workdir/train.log"; exit 1; }
 fi
-# The container runs as uid 10001: give it a readable copy (checkpoint weights may be written 0600).
+# The container runs as uid 10001: give it a readable copy (a strict umask may have written the checkpoints 0600).
 cp -r "$checkpoints" "$workdir/models"
 chmod -R a+rX "$workdir/models"
 ls "$workdir/models"

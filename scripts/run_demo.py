@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def _run(step: list[str]) -> None:
     started = time.perf_counter()
     result = subprocess.run(command, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"error: step 'scripts/{step[0]}' failed with exit code {result.returncode}; see its output above")
+        raise SystemExit(f"error: step 'scripts/{step[0]}' failed with exit code {result.returncode}; "
+                         "see its output above")
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     # The sample generator refuses a database holding other products, so a second run reuses the first sample.
-    skip_sample = Path(str(default_db_url()).removeprefix("sqlite:///")).exists() and Path(default_image_location()).exists()
+    sample_db = Path(str(default_db_url()).removeprefix("sqlite:///"))
+    skip_sample = sample_db.exists() and Path(default_image_location()).exists()
     for step in _steps(skip_sample):
         _run(step)
     print(f"\nTrained on the sample marketplace in {time.perf_counter() - started:.0f} s:\n{_summary_table()}\n")
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     serve = [sys.executable, str(SCRIPTS / "serve.py"), "--port", str(args.port),
              "--image-model", "image-classifier", "--text-model", "text-cnn", "--combined-model", "fusion"]
+    photos = sorted(Path(default_image_location()).glob("*.jpg"))
+    if photos:  # the printed example requests then run as pasted
+        serve += ["--example-photo", os.path.relpath(photos[0])]
     print(f"$ python scripts/serve.py {shlex.join(serve[2:])}", flush=True)
     return subprocess.call(serve)
 

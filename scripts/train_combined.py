@@ -1,4 +1,4 @@
-"""Train the image + text fusion model from a trained image model and text model, and save it (default: checkpoints/fusion).
+"""Train the image + text fusion model from a trained image and text model; save it (default: checkpoints/fusion).
 
 Both models are loaded by name (or folder, s3://..., Hugging Face repo id); their classification layers are
 dropped, their feature vectors concatenated and a new head trained on top. They must have been trained on
@@ -15,7 +15,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import time
@@ -29,10 +28,18 @@ from marketplace_reco.models.image_classifier import ImageClassifier
 from marketplace_reco.models.text_cnn import TextCNN
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
-from marketplace_reco.training.runs import add_data_arguments, add_output_arguments, finish_run, load_splits, output_folder
+from marketplace_reco.training.runs import (
+    add_data_arguments,
+    add_output_arguments,
+    add_training_arguments,
+    default_arguments,
+    finish_run,
+    load_splits,
+    output_folder,
+    split_summary,
+)
 
-_MODEL = {name: p.default for name, p in inspect.signature(FusionClassifier.__init__).parameters.items()}
-_TRAINING = {name: p.default for name, p in inspect.signature(train_fusion).parameters.items()}
+_MODEL = default_arguments(FusionClassifier.__init__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     add_output_arguments(parser, "fusion")
     group = parser.add_argument_group("branches")
     group.add_argument("--image-model", default="image-classifier",
-                       help="trained image classifier: checkpoint name, folder, s3://... or repo id (default: %(default)s)")
+                       help="trained image classifier: checkpoint name, folder, s3://... or repo id "
+                            "(default: %(default)s)")
     group.add_argument("--image-revision", default=None, help="revision of --image-model (default: latest)")
     group.add_argument("--text-model", default="text-cnn",
                        help="trained text CNN: checkpoint name, folder, s3://... or repo id (default: %(default)s)")
@@ -63,17 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--modality-dropout", type=float, default=_MODEL["modality_dropout"],
                        help="share of training samples whose image features are hidden, and the same share whose "
                             "text features are hidden (default: %(default)s)")
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=_TRAINING["epochs"],
-                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=_TRAINING["batch_size"],
-                       help="photo+text samples per batch and process (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=_TRAINING["learning_rate"],
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=_TRAINING["weight_decay"],
-                       help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--patience", type=int, default=_TRAINING["patience"],
-                       help="stop after this many epochs without a lower validation loss (default: %(default)s)")
+    group = add_training_arguments(parser, train_fusion, samples="photo+text samples",
+                                   stops_without="a lower validation loss")
     return parser
 
 
@@ -94,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     context = init_distributed()
     try:
         splits = load_splits(args)
-        data_summary = {"split": "by product, stratified on the label", "seed": args.seed,
-                        **splits["train"].summary(),
-                        "sizes": {name: len(split.products) for name, split in splits.items()}}
+        data_summary = split_summary(splits, args.seed)
         image_model = ImageClassifier.from_pretrained(args.image_model, revision=args.image_revision)
         text_model = TextCNN.from_pretrained(args.text_model, revision=args.text_revision)
         _check_same_split(image_model, "image", data_summary)

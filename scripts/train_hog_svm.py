@@ -10,7 +10,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 
@@ -20,12 +19,13 @@ from marketplace_reco.models.hog_svm import DEFAULT_PREPROCESSING, HogSvmClassif
 from marketplace_reco.training.runs import (
     add_data_arguments,
     add_output_arguments,
+    default_arguments,
     finish_run,
     load_splits,
     output_folder,
 )
 
-_DEFAULTS = {name: p.default for name, p in inspect.signature(HogSvmClassifier.__init__).parameters.items()}
+_DEFAULTS = default_arguments(HogSvmClassifier.__init__)
 _MODEL_OPTIONS = ("orientations", "pixels_per_cell", "cells_per_block", "colour_bins", "lbp_grid", "max_iter")
 
 

@@ -15,7 +15,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import time
@@ -25,17 +24,21 @@ import torch
 
 from marketplace_reco.data.errors import DataError
 from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.image_classifier import (
-    ImageClassifier,
-    evaluate_image_classifier,
-    train_image_classifier,
-)
+from marketplace_reco.models.image_classifier import ImageClassifier, evaluate_image_classifier, train_image_classifier
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.feature_cache import DEFAULT_MEMORY_BUDGET, FeatureCache, FeatureCacheError
-from marketplace_reco.training.runs import add_data_arguments, add_output_arguments, finish_run, load_splits, output_folder
+from marketplace_reco.training.runs import (
+    add_data_arguments,
+    add_output_arguments,
+    add_training_arguments,
+    default_arguments,
+    finish_run,
+    load_splits,
+    output_folder,
+    split_summary,
+)
 
-_MODEL = {name: p.default for name, p in inspect.signature(ImageClassifier.__init__).parameters.items()}
-_TRAINING = {name: p.default for name, p in inspect.signature(train_image_classifier).parameters.items()}
+_MODEL = default_arguments(ImageClassifier.__init__)
 
 
 def _trainable_layers(value: str) -> int | str:
@@ -78,17 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="width of the feature layer reused by the fusion model (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=_MODEL["dropout"],
                        help="dropout before the head (default: %(default)s)")
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=_TRAINING["epochs"],
-                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=_TRAINING["batch_size"],
-                       help="photos per batch and process (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=_TRAINING["learning_rate"],
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=_TRAINING["weight_decay"],
-                       help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--patience", type=int, default=_TRAINING["patience"],
-                       help="stop after this many epochs without a lower validation loss (default: %(default)s)")
+    group = add_training_arguments(parser, train_image_classifier, samples="photos",
+                                   stops_without="a lower validation loss")
     group.add_argument("--augment", action="store_true",
                        help="random crops, flips and colour jitter each epoch (the whole network then runs every "
                             "epoch: no feature cache)")
@@ -130,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes=context.world_size,
                 feature_cache=not (args.augment or args.no_cache),
             )
-            data_summary = {"split": "by product, stratified on the label", "seed": args.seed,
-                            **splits["train"].summary(),
-                            "sizes": {name: len(split.products) for name, split in splits.items()}}
+            data_summary = split_summary(splits, args.seed)
             finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
                        history=result.history, push_to=args.push_to, revision=args.revision)
     except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:

@@ -14,7 +14,6 @@ Runs unchanged under torchrun (data-parallel; only rank 0 writes):
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.data.errors import DataError
 from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
+from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
 from marketplace_reco.models.word2vec import (
     Word2VecEmbedding,
     check_training_split,
@@ -38,26 +37,23 @@ from marketplace_reco.training.metrics import evaluate
 from marketplace_reco.training.runs import (
     add_data_arguments,
     add_output_arguments,
+    add_training_arguments,
+    default_arguments,
     finish_run,
     load_splits,
     output_folder,
+    split_summary,
 )
 
-
-def _defaults(function: object) -> dict[str, object]:
-    """The library's defaults are the script's defaults."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()}  # type: ignore[arg-type]
-
-
-_MODEL = _defaults(TextCNN.__init__)
-_TRAINING = _defaults(train_text_cnn)
+_MODEL = default_arguments(TextCNN.__init__)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Word2vec embedding -> convolutions of several widths, max-pooled over time -> dropout -> "
-                    "feature layer -> classes, trained with AdamW, a one-cycle LR schedule and early stopping on "
-                    "validation accuracy; the best epoch is kept and evaluated on the held-out test products. "
+                    "feature layer -> classes, an ensemble of members trained one after the other with AdamW, a "
+                    "one-cycle LR schedule and early stopping on validation accuracy (each keeps its best epoch); "
+                    "the ensemble averages their probabilities and is evaluated on the held-out test products. "
                     "Writes config.json, model.safetensors, README.md, confusion_matrix.png, training_curves.png "
                     "and history.json.",
     )
@@ -82,17 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--feature-dim", type=int, default=_MODEL["feature_dim"],
                        help="width of the feature layer reused by the fusion model (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=_MODEL["dropout"], help="dropout rate (default: %(default)s)")
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=_TRAINING["epochs"],
-                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=_TRAINING["batch_size"],
-                       help="texts per batch and process (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=_TRAINING["learning_rate"],
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=_TRAINING["weight_decay"],
-                       help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--patience", type=int, default=_TRAINING["patience"],
-                       help="stop after this many epochs without a better validation accuracy (default: %(default)s)")
+    group.add_argument("--ensemble-size", type=int, default=_MODEL["ensemble_size"],
+                       help="members trained with seeds seed, seed+1, ...; the model averages their probabilities "
+                            "(default: %(default)s)")
+    group = add_training_arguments(parser, train_text_cnn, samples="texts",
+                                   stops_without="a better validation accuracy (per member)")
+    group.add_argument("--label-smoothing", type=float, default=default_arguments(train_text_cnn)["label_smoothing"],
+                       help="share of each target spread over the other classes (default: %(default)s)")
     return parser
 
 
@@ -126,32 +118,33 @@ def main(argv: list[str] | None = None) -> int:
         model = TextCNN.from_word2vec(
             embedding, splits["train"].classes, max_length=args.max_length, kernel_sizes=args.kernel_sizes,
             num_filters=args.num_filters, feature_dim=args.feature_dim, dropout=args.dropout,
-            fine_tune_embedding=args.fine_tune_embedding,
+            fine_tune_embedding=args.fine_tune_embedding, ensemble_size=args.ensemble_size,
         )
         started = time.perf_counter()
-        result = train_text_cnn(
+        results = train_text_cnn(
             model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
             splits["val"].products["text"].tolist(), splits["val"].label_indices,
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-            patience=args.patience, seed=args.seed, context=context,
+            patience=args.patience, label_smoothing=args.label_smoothing, seed=args.seed, context=context,
         )
         training_s = time.perf_counter() - started
         if context.is_main:
             test = splits["test"]
             texts = test.products["text"].tolist()
             metrics = evaluate(test.label_indices, model.predict_proba(texts=texts), model.classes, split="test")
+            val = splits["val"]
+            val_proba = model.predict_proba(texts=val.products["text"].tolist())
             metrics.update(
-                best_epoch=result.best_epoch,
-                validation_accuracy=result.history[result.best_epoch - 1]["val_accuracy"],
+                best_epochs=[result.best_epoch for result in results],
+                member_validation_accuracy=[result.history[result.best_epoch - 1]["val_accuracy"]
+                                            for result in results],
+                validation_accuracy=float((val_proba.argmax(axis=1) == val.label_indices).mean()),
                 texts_without_known_word=int((model.known_token_counts(texts) == 0).sum()),
                 training_s=round(training_s, 1),
                 processes=context.world_size,
             )
-            data_summary = {"split": "by product, stratified on the label", "seed": args.seed,
-                            **splits["train"].summary(),
-                            "sizes": {name: len(split.products) for name, split in splits.items()}}
-            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
-                       history=result.history, push_to=args.push_to, revision=args.revision)
+            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=split_summary(splits, args.seed),
+                       history=members_history(results), push_to=args.push_to, revision=args.revision)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 
@@ -23,13 +22,14 @@ from marketplace_reco.models.word2vec import plot_embedding_2d, train_word2vec, 
 from marketplace_reco.training.runs import (
     add_data_arguments,
     add_output_arguments,
+    default_arguments,
     finish_run,
     load_splits,
     output_folder,
 )
 
 # The library's defaults are the script's defaults.
-_DEFAULTS = {name: p.default for name, p in inspect.signature(train_word2vec).parameters.items()}
+_DEFAULTS = default_arguments(train_word2vec)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from services import free_port
 
 from marketplace_reco.data.errors import (
     ImageNotFoundError,
@@ -19,6 +18,7 @@ from marketplace_reco.data.errors import (
     InvalidImageIdError,
 )
 from marketplace_reco.data.image_store import ImageStore, LocalImageStore, S3ImageStore, copy_images, open_image_store
+from services import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = {f"img-{i:02d}": f"jpeg bytes {i}".encode() * (i + 1) for i in range(12)}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from services import free_port
 
 from marketplace_reco.data.database import open_engine, read_images, read_products
 from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.data.errors import DatabaseError, ImportFileError
 from marketplace_reco.data.importer import ImportReport, import_csv, parse_price
+from services import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_PRODUCTS = 50

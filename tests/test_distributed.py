@@ -14,7 +14,8 @@ from marketplace_reco.models.image_classifier import ImageClassifier
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_image_runs_unchanged_under_torchrun_with_two_processes(sample_data: dict[str, str], tmp_path: Path) -> None:
+def test_train_image_runs_unchanged_under_torchrun_with_two_processes(sample_data: dict[str, str],
+                                                                       tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     env = {**os.environ, "MARKETPLACE_CHECKPOINTS": str(checkpoints), "HF_HUB_OFFLINE": "1"}
     command = [

@@ -16,7 +16,7 @@ from sklearn.base import clone
 
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.models import CheckpointError, ModelConfigError, create_model, load_model
-from marketplace_reco.models.hog_svm import HOGTransformer, HogSvmClassifier, _fit_temperature
+from marketplace_reco.models.hog_svm import HogSvmClassifier, HOGTransformer, _fit_temperature
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["horizontal", "vertical", "diagonal"]

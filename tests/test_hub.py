@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +123,18 @@ def test_local_round_trip_with_revisions(folders: tuple[Path, Path], tmp_path: P
     assert _hashes(pulled) == _hashes(second)
     with pytest.raises(CheckpointNotFoundError, match=r"hog-svm@v3: no config\.json there"):
         resolve_checkpoint("hog-svm", revision="v3")
+
+
+def test_pushed_checkpoints_get_the_umask_permissions(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        push_checkpoint(folders[0], "shared")
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "checkpoints" / "shared"
+    # Readable by others (a server running as another user, a Docker build): not mkdtemp's 0700.
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {0o644}
 
 
 def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ def test_serve_script_loads_models_by_name_and_prints_an_example(tmp_path: Path)
     env = {**os.environ, "MARKETPLACE_IMAGE_MODEL": "not-this-one", "MARKETPLACE_MAX_BODY_BYTES": "5000",
            "MARKETPLACE_PORT": "1"}
     command = [sys.executable, str(REPO_ROOT / "scripts" / "serve.py"), "--checkpoints", str(tmp_path),
-               "--image-model", "hog-svm", "--port", str(port), "--log-level", "warning"]
+               "--image-model", "hog-svm", "--port", str(port), "--log-level", "warning", "--example-photo",
+               "data/images/my photo.jpg"]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -41,7 +42,7 @@ def test_serve_script_loads_models_by_name_and_prints_an_example(tmp_path: Path)
             lines.append(line)
         output = "".join(lines)
         assert f"ready on http://127.0.0.1:{port}" in output
-        assert f"curl -F image=@photo.jpg http://127.0.0.1:{port}/image" in output
+        assert f"curl -F image=@'data/images/my photo.jpg' http://127.0.0.1:{port}/image" in output
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert client.get("/ready").json() == {"ready": True, "models": {"hog-svm": "ready"}}
             # The body limit came from the environment.

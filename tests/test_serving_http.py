@@ -252,6 +252,9 @@ def test_combined_with_either_field_names(client: httpx.Client, checkpoints: Pat
     expected = Predictor.from_pretrained(str(checkpoints / "fusion")).predict(image=RED, text="red dress")
     assert by_new["pred"] == expected.pred and by_new["model"] == "fusion"
     assert by_new["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+    assert by_new["known_tokens"] == 1 and by_new["warning"] is None
+    unknown = client.post("/combined", files={"image": photo}, data={"text": "zzz qqq"}).json()
+    assert unknown["known_tokens"] == 0 and "rests on the photo alone" in unknown["warning"]
 
 
 def test_combined_batch_pairs_the_ith_photo_with_the_ith_text(client: httpx.Client) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from marketplace_reco.models import load_model
-from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
+from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
 from marketplace_reco.models.word2vec import PAD_INDEX, Word2VecEmbedding, train_word2vec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,9 @@ def embedding() -> Word2VecEmbedding:
 
 def _model(embedding: Word2VecEmbedding, **hyperparameters: object) -> TextCNN:
     torch.manual_seed(0)
-    return TextCNN.from_word2vec(embedding, CLASSES, max_length=12, kernel_sizes=[1, 2, 3], num_filters=16,
-                                 feature_dim=12, dropout=0.2, **hyperparameters)
+    return TextCNN.from_word2vec(embedding, CLASSES, **{"max_length": 12, "kernel_sizes": [1, 2, 3], "num_filters": 16,
+                                                        "feature_dim": 12, "dropout": 0.2, "ensemble_size": 2,
+                                                        **hyperparameters})
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,10 @@ def test_the_cnn_learns_and_fine_tunes_the_embedding_but_never_the_padding_row(
 ) -> None:
     texts, labels = _data(30, seed=2)
     assert (trained.predict_proba(texts=texts).argmax(axis=1) == labels).mean() >= 0.9
-    weights = trained.embedding.weight.detach().numpy()
-    assert not np.allclose(weights[2:], embedding.vectors[2:])
-    assert not weights[PAD_INDEX].any()
+    for member in trained.members:
+        weights = member.embedding.weight.detach().numpy()
+        assert not np.allclose(weights[2:], embedding.vectors[2:])
+        assert not weights[PAD_INDEX].any()
     assert trained.config["word2vec"] == {"name": "in memory", "revision": ""}
     assert not trained.training  # left ready for inference
 
@@ -67,8 +69,23 @@ def test_a_frozen_embedding_stays_the_word2vec_vectors(embedding: Word2VecEmbedd
     model = _model(embedding)
     texts, labels = _data(24, seed=3)
     train_text_cnn(model, texts, labels, texts, labels, epochs=2, batch_size=8, learning_rate=0.02)
-    assert not model.embedding.weight.requires_grad
-    np.testing.assert_array_equal(model.embedding.weight.detach().numpy(), embedding.vectors)
+    for member in model.members:
+        assert not member.embedding.weight.requires_grad
+        np.testing.assert_array_equal(member.embedding.weight.detach().numpy(), embedding.vectors)
+
+
+def test_members_train_apart_and_the_model_averages_their_probabilities(embedding: Word2VecEmbedding) -> None:
+    model = _model(embedding, ensemble_size=3)
+    texts, labels = _data(24, seed=6)
+    results = train_text_cnn(model, texts, labels, texts, labels, epochs=3, batch_size=8, learning_rate=0.02,
+                             patience=3)
+    assert len(results) == 3 and all(len(result.history) == 3 for result in results)
+    members = model.predict_member_proba(texts)
+    assert members.shape == (24, 3, 3)
+    assert not np.allclose(members[:, 0], members[:, 1])  # own seeds: own weights
+    np.testing.assert_allclose(model.predict_proba(texts=texts), members.mean(axis=1), atol=1e-6)
+    history = members_history(results)
+    assert [row["member"] for row in history] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
 def test_empty_and_unknown_inputs_still_get_a_full_probability_row(trained: TextCNN) -> None:
@@ -96,13 +113,14 @@ def test_padding_and_batching_never_change_a_prediction(trained: TextCNN) -> Non
         np.testing.assert_allclose(trained(ids).numpy(), trained(wider).numpy(), atol=1e-5)
 
 
-def test_features_are_the_layer_under_the_classifier(trained: TextCNN) -> None:
+def test_features_are_the_members_layers_under_their_classifiers(trained: TextCNN) -> None:
     texts, _ = _data(6, seed=5)
     features = trained.extract_features(texts)
-    assert features.shape == (6, 12) and (features >= 0).all()
+    assert features.shape == (6, 2 * 12) == (6, trained.feature_dim) and (features >= 0).all()
     with torch.inference_mode():
-        logits = trained.classifier(torch.from_numpy(features))
-    np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), trained.predict_proba(texts=texts), atol=1e-6)
+        member_proba = [torch.softmax(member.classifier(torch.from_numpy(part)), dim=1).numpy()
+                        for member, part in zip(trained.members, np.split(features, 2, axis=1), strict=True)]
+    np.testing.assert_allclose(np.mean(member_proba, axis=0), trained.predict_proba(texts=texts), atol=1e-6)
 
 
 def test_checkpoint_predicts_identically_in_a_fresh_process(trained: TextCNN, tmp_path: Path) -> None:
@@ -133,7 +151,8 @@ def _run(args: list[str], checkpoints: Path, launcher: list[str] | None = None) 
                           timeout=600)
 
 
-_SMALL = ["--epochs", "2", "--num-filters", "8", "--feature-dim", "8", "--max-length", "32", "--batch-size", "16"]
+_SMALL = ["--epochs", "2", "--num-filters", "8", "--feature-dim", "8", "--max-length", "32", "--batch-size", "16",
+          "--ensemble-size", "2"]
 
 
 def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str, str], tmp_path: Path) -> None:
@@ -151,6 +170,9 @@ def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str
     model = load_model(str(folder))
     assert model.metrics["split"] == "test" and 0.0 <= model.metrics["macro_f1"] <= 1.0
     assert model.metrics["processes"] == 1 and len(model.metrics["per_class"]) == 13
+    assert len(model.members) == 2 and len(model.metrics["best_epochs"]) == 2
+    assert 0.0 <= model.metrics["validation_accuracy"] <= 1.0
+    assert {row["member"] for row in json.loads((folder / "history.json").read_text())} == {1, 2}
     assert model.config["word2vec"]["name"] == "word2vec" and model.config["fine_tune_embedding"] is False
     assert "| accuracy |" in (folder / "README.md").read_text()
 

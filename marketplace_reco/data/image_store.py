@@ -23,19 +23,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from tqdm.auto import tqdm
 
-from ..settings import cache_dir, default_image_location
+from ..settings import cache_dir, default_image_location, s3_client
 from .errors import ImageNotFoundError, ImageStoreError, ImageStoreUnreachableError, InvalidImageIdError
 
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SUFFIX = ".jpg"
-# Short timeouts and few retries: an unreachable endpoint should fail in seconds, not minutes.
-_S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=32)
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
@@ -131,7 +126,8 @@ class S3ImageStore(ImageStore):
         default_cache = cache_dir() / "images" / bucket / self.prefix
         self.cache_folder = Path(cache_folder) if cache_folder is not None else default_cache
         try:
-            self._client = boto3.client("s3", config=_S3_CONFIG)
+            # Enough connections for the concurrent fetches of ``get_many``.
+            self._client = s3_client(read_timeout=30, max_pool_connections=32)
         except BotoCoreError as exc:  # e.g. AWS_PROFILE names a profile that does not exist
             raise ImageStoreUnreachableError(self.location, str(exc)) from exc
         self._bucket_checked = False

@@ -86,7 +86,10 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
     except FileNotFoundError as exc:
         path = Path(source)  # type: ignore[arg-type]  # only paths raise FileNotFoundError
         raise ImageNotFoundError(path.name, str(path.parent)) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        # PIL's own message names its internal buffer object, which means nothing to the caller.
+        raise CorruptImageError(described, "not a recognised image format (JPEG, PNG, WebP, ...)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptImageError(described, str(exc) or type(exc).__name__) from exc
     try:
         upright = ImageOps.exif_transpose(img)

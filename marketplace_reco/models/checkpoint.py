@@ -18,8 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from huggingface_hub import ModelCard, ModelHubMixin
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .errors import CheckpointError

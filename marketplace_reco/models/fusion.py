@@ -91,7 +91,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         self.image_branch = ImageClassifier(**{**image_config, "pretrained": False})
         del self.image_branch.head
         self.text_branch = TextCNN(**text_config)
-        del self.text_branch.classifier
+        self.text_branch.drop_classifiers()
         for kind, branch in (("image", self.image_branch), ("text", self.text_branch)):
             if kind not in self.unfrozen:
                 branch.requires_grad_(False)
@@ -111,8 +111,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
                     **hyperparameters)
         model.image_branch.load_state_dict(
             {k: v for k, v in image_model.state_dict().items() if not k.startswith("head.")}, strict=True)
-        model.text_branch.load_state_dict(
-            {k: v for k, v in text_model.state_dict().items() if not k.startswith("classifier.")}, strict=True)
+        model.text_branch.load_state_dict(text_model.feature_state_dict(), strict=True)
         return model
 
     def train(self, mode: bool = True) -> FusionClassifier:
@@ -143,11 +142,16 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         """Hash of a branch's weights and input processing: the cache key of its feature vectors."""
         if kind == "image":
             return state_fingerprint(["image", self.image_branch.preprocessing], self.image_branch.state_dict())
-        return state_fingerprint(["text", self.text_branch.encoder.preprocessor.to_config(), self.text_branch.max_length],
-                                 self.text_branch.state_dict())
+        text_input = [self.text_branch.encoder.preprocessor.to_config(), self.text_branch.max_length]
+        return state_fingerprint(["text", *text_input], self.text_branch.state_dict())
 
     # ---- raw inputs -------------------------------------------------------------------------------
-    def predict_proba(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
+    def known_token_counts(self, texts: Sequence[str]) -> np.ndarray:
+        """[n] how many tokens of each text the text branch knows; 0 means the photo alone decides."""
+        return self.text_branch.known_token_counts(texts)
+
+    def predict_proba(self, images: Sequence[Image.Image] | None = None,
+                      texts: Sequence[str] | None = None) -> np.ndarray:
         """Class probabilities [n, n_classes] of ``images[i]`` with ``texts[i]`` (one photo per listing text)."""
         if images is None or texts is None:
             raise ModelConfigError("FusionClassifier.predict_proba needs both images=[...] and texts=[...]")
@@ -226,7 +230,8 @@ def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitPh
     by_product = dict(zip(photos.image_products, texts))
     cache.fill(fingerprint, products, lambda ids: [model.text_branch.extract_features([by_product[i] for i in ids])],
                batch_size=256, desc=f"text features ({name})")
-    return CachedBatches(cache, [image_part, (fingerprint, list(photos.image_products))], photos.image_labels), n_image_inputs
+    parts = [image_part, (fingerprint, list(photos.image_products))]
+    return CachedBatches(cache, parts, photos.image_labels), n_image_inputs
 
 
 def train_fusion(
@@ -255,11 +260,12 @@ def train_fusion(
     cache = cache if cache is not None else FeatureCache()
     train_photos = SplitPhotos.from_split(train, "train").shard(context.rank, context.world_size, pad=True)
     val_photos = SplitPhotos.from_split(val, "validation").shard(context.rank, context.world_size, pad=False)
+    optimizer, scheduler = one_cycle_adamw(model, learning_rate=learning_rate, weight_decay=weight_decay,
+                                           epochs=epochs, batch_size=batch_size, n_samples=len(train_photos.image_ids))
     train_set, n_image_inputs = _fusion_batches(model, train, train_photos, cache, "train")
     val_set, _ = _fusion_batches(model, val, val_photos, cache, "validation")
     train_loader = batch_loader(train_set, batch_size, shuffle=True, seed=seed + context.rank)
     val_loader = batch_loader(val_set, batch_size, shuffle=False)
-    optimizer, scheduler = one_cycle_adamw(model, learning_rate, weight_decay, epochs * len(train_loader))
     result = fit(wrap_model(_FromParts(model, n_image_inputs), context), train_loader, val_loader, epochs=epochs,
                  optimizer=optimizer, scheduler=scheduler, patience=patience, monitor="val_loss", context=context,
                  desc="fusion")

@@ -33,12 +33,12 @@ from joblib import Parallel, delayed
 from PIL import Image
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+from skimage.feature import hog, local_binary_pattern
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.metrics import f1_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from skimage.feature import hog, local_binary_pattern
 from tqdm.auto import tqdm
 
 from ..data.dataset import Marketplace

@@ -31,19 +31,17 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from ..settings import cache_dir, checkpoints_dir
+from ..settings import cache_dir, checkpoints_dir, s3_client
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, content_revision, read_config
 from .errors import CheckpointError, CheckpointNotFoundError, HubError
 
@@ -120,7 +118,9 @@ def _copy_verified(source: Path, destination: Path) -> None:
     if destination.exists() and destination.resolve() == source.resolve():
         return
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    # mkdir (not mkdtemp, which makes it 0700) so the checkpoint gets the umask's permissions like any folder.
+    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         for relative in checkpoint_files(source):
             target = staging / relative
@@ -160,12 +160,6 @@ class LocalHub(Hub):
 
 
 # ---- S3 --------------------------------------------------------------------------------------
-def _s3_client() -> Any:
-    # Short timeouts and few retries: an unreachable endpoint should fail in seconds, not minutes.
-    return boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
-                                            retries={"max_attempts": 3, "mode": "standard"}))
-
-
 class S3Hub(Hub):
     """Checkpoints as objects ``<prefix>/<name>/<revision>/<file>`` with a sha256 manifest per revision."""
 
@@ -174,7 +168,7 @@ class S3Hub(Hub):
             raise HubError("S3 target names no bucket (expected s3://bucket/prefix/name)")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._client = _s3_client()
+        self._client = s3_client(read_timeout=60)
 
     def _key(self, name: str, revision: str, relative: str = "") -> str:
         return "/".join(part for part in (self.prefix, name, revision, relative) if part)

@@ -74,7 +74,8 @@ class _TimmTracer(fx.Tracer):
 def _create_backbone(name: str, pretrained: bool | str) -> nn.Module:
     """The timm model ``name`` without its classifier (pooled features out), initialised as ``pretrained`` says."""
     if not timm.is_model(name):
-        raise ModelConfigError(f"unknown timm backbone {name!r}; see timm.list_models() for the names (e.g. 'resnet50')")
+        raise ModelConfigError(f"unknown timm backbone {name!r}; see timm.list_models() for the names "
+                               "(e.g. 'resnet50')")
     download = pretrained is True and not _LOADING_CHECKPOINT.get()
     try:
         backbone = timm.create_model(name, pretrained=download, num_classes=0)
@@ -105,7 +106,8 @@ def _load_local_weights(backbone: nn.Module, path: Path, name: str) -> None:
     if missing or unexpected:
         raise PretrainedWeightsError(
             f"weights file {path} does not fit backbone {name!r}: missing keys {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
         )
     try:
         backbone.load_state_dict(state, strict=True)
@@ -115,14 +117,16 @@ def _load_local_weights(backbone: nn.Module, path: Path, name: str) -> None:
 
 def _parameterised_layers(backbone: nn.Module) -> list[str]:
     """Names of the modules that own parameters directly, in module order (the unit of ``trainable_layers``)."""
-    return [name for name, module in backbone.named_modules() if next(module.parameters(recurse=False), None) is not None]
+    return [name for name, module in backbone.named_modules()
+            if next(module.parameters(recurse=False), None) is not None]
 
 
 def _select_trainable(backbone: nn.Module, name: str, trainable_layers: int | str) -> list[str]:
     layers = _parameterised_layers(backbone)
     if trainable_layers == "all":
         return layers
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= len(layers):
+    valid = isinstance(trainable_layers, int) and not isinstance(trainable_layers, bool)
+    if not valid or not 0 <= trainable_layers <= len(layers):  # type: ignore[operator]
         raise ModelConfigError(
             f"trainable_layers must be 'all' or an integer from 0 to {len(layers)} (the parameterised layers of "
             f"{name!r}), not {trainable_layers!r}"
@@ -323,7 +327,8 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
 
     def trunk_fingerprint(self) -> str:
         """Hash of everything that determines ``frozen_trunk``'s output for a photo: a feature cache's key."""
-        frozen_state = {name: value for name, value in self.backbone.state_dict().items() if not self._is_trainable(name)}
+        frozen_state = {name: value for name, value in self.backbone.state_dict().items()
+                        if not self._is_trainable(name)}
         return state_fingerprint([self.backbone_name, self.preprocessing, self.trainable_layer_names], frozen_state)
 
     # ---- photos in ------------------------------------------------------------------------------------
@@ -363,7 +368,8 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         """Feature vectors [n, feature_dim] of PIL photos (the input of a fusion head)."""
         return self._batched(images, self.features)
 
-    def predict_proba(self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
+    def predict_proba(self, images: Sequence[Image.Image] | None = None,
+                      texts: Sequence[str] | None = None) -> np.ndarray:
         """Class probabilities [n, n_classes] of PIL photos; ``texts`` is ignored (an image-only model)."""
         return self._batched(images, lambda x: torch.softmax(self(x), dim=1))
 
@@ -373,7 +379,8 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         """Load a checkpoint; the trunk comes from its weights file, so nothing is downloaded."""
         token = _LOADING_CHECKPOINT.set(True)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, revision=revision, **model_kwargs)  # type: ignore[return-value]
+            model = super().from_pretrained(pretrained_model_name_or_path, revision=revision, **model_kwargs)
+            return model  # type: ignore[return-value]
         finally:
             _LOADING_CHECKPOINT.reset(token)
 
@@ -390,16 +397,20 @@ class _FromTrunk(nn.Module):
         return self.model.head(self.model.features_from_trunk(*trunk_outputs))
 
 
-def one_cycle_adamw(model: nn.Module, learning_rate: float, weight_decay: float,
-                    total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW over the trainable parameters with a one-cycle LR schedule of ``total_steps`` batches.
+def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, epochs: int, batch_size: int,
+                    n_samples: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW over the trainable parameters with a one-cycle LR schedule over all the run's batches.
 
-    The fused implementation: with a cached trunk a training step is so short that the optimizer's
-    per-parameter loop would otherwise take a fifth of it.
+    Called before any photo is processed, so bad arguments fail at once. The fused implementation: with a
+    cached trunk a training step is so short that the optimizer's per-parameter loop would take a fifth of it.
     """
+    if epochs < 1 or batch_size < 1:
+        raise ModelConfigError(f"epochs and batch_size must be at least 1, not {epochs} and {batch_size}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                   weight_decay=weight_decay, fused=True)
-    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
+                                                    total_steps=epochs * -(-n_samples // batch_size))
+    return optimizer, scheduler
 
 
 def cache_trunk_outputs(model: ImageClassifier, store: ImageStore, image_ids: Sequence[str], cache: FeatureCache,
@@ -445,6 +456,8 @@ def train_image_classifier(
     model.to(context.device)
     train_photos = SplitPhotos.from_split(train, "train").shard(context.rank, context.world_size, pad=True)
     val_photos = SplitPhotos.from_split(val, "validation").shard(context.rank, context.world_size, pad=False)
+    optimizer, scheduler = one_cycle_adamw(model, learning_rate=learning_rate, weight_decay=weight_decay,
+                                           epochs=epochs, batch_size=batch_size, n_samples=len(train_photos.image_ids))
     module: nn.Module
     if augment or not use_cache:
         train_set: Dataset = PhotoBatches(load_pixels(train.image_store, train_photos.image_ids, model.to_pixels,
@@ -464,7 +477,6 @@ def train_image_classifier(
         module = _FromTrunk(model)
     train_loader = batch_loader(train_set, batch_size, shuffle=True, seed=seed + context.rank)
     val_loader = batch_loader(val_set, batch_size, shuffle=False)
-    optimizer, scheduler = one_cycle_adamw(model, learning_rate, weight_decay, epochs * len(train_loader))
     result = fit(wrap_model(module, context), train_loader, val_loader, epochs=epochs, optimizer=optimizer,
                  scheduler=scheduler, patience=patience, monitor="val_loss", context=context,
                  desc="image-classifier")

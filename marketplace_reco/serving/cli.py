@@ -39,35 +39,39 @@ def _parser() -> argparse.ArgumentParser:
                         help=fields["extra_models"].description)
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="folder of checkpoints that model names refer to (MARKETPLACE_CHECKPOINTS)")
+    parser.add_argument("--example-photo", type=Path, default=None,
+                        help="a photo to name in the example requests printed once ready, so they run as pasted "
+                             "(default: photo.jpg)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-def _examples(settings: ServingSettings) -> str:
+def _examples(settings: ServingSettings, photo: str) -> str:
     base = f"http://{settings.host}:{settings.port}"
     lines = [f"marketplace_reco is ready on {base} (API docs: {base}/docs). Try:"]
     if settings.image_model:
-        lines.append(f"  curl -F image=@photo.jpg {base}/image")
+        lines.append(f"  curl -F image=@{photo} {base}/image")
     if settings.text_model:
         text = shlex.quote('{"text": "Grey three-seater sofa, barely used"}')
         lines.append(f"  curl -H 'Content-Type: application/json' -d {text} {base}/text")
     if settings.combined_model:
-        lines.append(f"  curl -F image=@photo.jpg -F 'text=Grey three-seater sofa' {base}/combined")
+        lines.append(f"  curl -F image=@{photo} -F 'text=Grey three-seater sofa' {base}/combined")
     return "\n".join(lines)
 
 
-async def _announce_when_ready(server: uvicorn.Server, app: FastAPI, settings: ServingSettings) -> None:
+async def _announce_when_ready(server: uvicorn.Server, app: FastAPI, settings: ServingSettings,
+                               photo: str) -> None:
     while not (server.started and app.state.pool.ready):
         await asyncio.sleep(_ANNOUNCE_POLL_S)
         failed = {name: status for name, status in app.state.pool.status.items() if status.startswith("failed")}
         if failed:
             logging.getLogger(__name__).error("not ready, see /ready: %s", failed)
             return
-    print(_examples(settings), flush=True)
+    print(_examples(settings, photo), flush=True)
 
 
-async def _serve(server: uvicorn.Server, app: FastAPI, settings: ServingSettings) -> None:
-    announcer = asyncio.create_task(_announce_when_ready(server, app, settings))
+async def _serve(server: uvicorn.Server, app: FastAPI, settings: ServingSettings, photo: str) -> None:
+    announcer = asyncio.create_task(_announce_when_ready(server, app, settings, photo))
     try:
         await server.serve()
     finally:
@@ -87,4 +91,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
     server = uvicorn.Server(config)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(_serve(server, app, settings))
+        photo = shlex.quote(str(args.example_photo)) if args.example_photo else "photo.jpg"
+        runner.run(_serve(server, app, settings, photo))

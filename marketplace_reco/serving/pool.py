@@ -18,13 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..data.errors import CorruptImageError, ImageTooLargeError
 from .batching import MicroBatcher
-from .errors import (
-    BadImageError,
-    ImageTooLargeApiError,
-    InvalidInputError,
-    ModelNotReadyError,
-    NoModelError,
-)
+from .errors import BadImageError, ImageTooLargeApiError, InvalidInputError, ModelNotReadyError, NoModelError
 from .metrics import Metrics
 from .predictor import Predictor, PredictorInputError
 from .schemas import Prediction

@@ -91,7 +91,8 @@ class SplitPhotos:
 
 
 def photo_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | None) -> Iterator[list[Image.Image]]:
-    """Decoded RGB photos, ``PHOTO_CHUNK`` at a time, in ``image_ids`` order (a progress bar unless ``desc`` is None)."""
+    """Decoded RGB photos, ``PHOTO_CHUNK`` at a time, in ``image_ids`` order (with a progress bar unless
+    ``desc`` is None)."""
     with ThreadPoolExecutor(max_workers=4) as pool, \
             tqdm(total=len(image_ids), desc=desc, unit="img", disable=desc is None) as progress:
         for start in range(0, len(image_ids), PHOTO_CHUNK):

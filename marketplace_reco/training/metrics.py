@@ -63,19 +63,25 @@ def plot_confusion_matrix(metrics: dict[str, Any], classes: Sequence[str], path:
 
 
 def plot_training_curves(history: Sequence[dict[str, float]], path: Path, title: str) -> Path:
-    """Loss and accuracy per epoch (one dict per epoch, keys such as train_loss, val_loss, val_accuracy)."""
-    epochs = [row["epoch"] for row in history]
+    """Loss and accuracy per epoch (one dict per epoch, keys such as train_loss, val_loss, val_accuracy).
+
+    Rows with a ``member`` key (an ensemble's members, trained one after the other) get a line per member.
+    """
+    members = sorted({row.get("member", 0) for row in history})
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in sorted({k for row in history for k in row if k.endswith("loss")}):
-        loss_ax.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key)
-    for key in sorted({k for row in history for k in row if k.endswith("accuracy")}):
-        acc_ax.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key)
+    for ax, suffix in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for key in sorted({k for row in history for k in row if k.endswith(suffix)}):
+            for member in members:
+                rows = [row for row in history if row.get("member", 0) == member]
+                label = f"{key} (member {member})" if member else key
+                ax.plot([row["epoch"] for row in rows], [row.get(key, np.nan) for row in rows], marker="o",
+                        markersize=3, label=label)
     loss_ax.set_title("loss")
     acc_ax.set_title("accuracy")
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="x-small")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,10 @@ are written as PNGs beside it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="SQLAlchemy URL of the products/images tables (default: $MARKETPLACE_DB_URL or the "
                             "embedded SQLite sample, data/marketplace.db)")
     group.add_argument("--images", default=None,
-                       help="image location: a folder or s3://bucket/prefix (default: $MARKETPLACE_IMAGES or data/images)")
+                       help="image location: a folder or s3://bucket/prefix (default: $MARKETPLACE_IMAGES or "
+                            "data/images)")
     group.add_argument("--val-fraction", type=float, default=0.1, help="share of products for validation")
     group.add_argument("--test-fraction", type=float, default=0.1, help="share of products held out for the final test")
     group.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
@@ -43,8 +45,36 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     group.add_argument("--output", type=Path, default=None,
                        help="explicit checkpoint folder (default: <checkpoints folder>/<name>)")
     group.add_argument("--push-to", default=None,
-                       help="after saving, also push to a hub: a folder, s3://bucket/prefix/name or a Hugging Face repo id")
+                       help="after saving, also push to a hub: a folder, s3://bucket/prefix/name or a Hugging Face "
+                            "repo id")
     group.add_argument("--revision", default=None, help="revision (branch or version) to push under")
+
+
+def default_arguments(function: Callable[..., Any]) -> dict[str, Any]:
+    """``function``'s parameters and their defaults: the one source of a script's option defaults."""
+    return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, train: Callable[..., Any], *, samples: str,
+                           stops_without: str) -> argparse._ArgumentGroup:
+    """The optimisation options of a torch training function, with its defaults; returns the group.
+
+    ``samples`` says what a batch holds ("texts"), ``stops_without`` what early stopping waits for
+    ("a better validation accuracy").
+    """
+    defaults = default_arguments(train)
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=defaults["epochs"],
+                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                       help=f"{samples} per batch and process (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=defaults["learning_rate"],
+                       help="peak learning rate (default: %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=defaults["weight_decay"],
+                       help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--patience", type=int, default=defaults["patience"],
+                       help=f"stop after this many epochs without {stops_without} (default: %(default)s)")
+    return group
 
 
 def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:
@@ -52,6 +82,12 @@ def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:
     marketplace = load_marketplace(args.db_url, args.images)
     train_fraction = 1.0 - args.val_fraction - args.test_fraction
     return marketplace.split((train_fraction, args.val_fraction, args.test_fraction), seed=args.seed)
+
+
+def split_summary(splits: dict[str, Marketplace], seed: int) -> dict[str, Any]:
+    """The data summary a checkpoint records; the fusion script compares its seed and sizes across branches."""
+    return {"split": "by product, stratified on the label", "seed": seed, **splits["train"].summary(),
+            "sizes": {name: len(split.products) for name, split in splits.items()}}
 
 
 def output_folder(args: argparse.Namespace) -> Path:

@@ -64,7 +64,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Process-wide and deliberate: torch's default may oversubscribe the cores the event loop needs.
+        # Process-wide and deliberate: one setting for every model, from the settings (see resolved_torch_threads).
         torch.set_num_threads(settings.resolved_torch_threads())
         pool = ModelPool(settings, metrics)
         app.state.pool = pool

@@ -17,16 +17,14 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.importer import import_csv
 from marketplace_reco.models.errors import CheckpointError
 from marketplace_reco.models.hog_svm import train_hog_svm
 from marketplace_reco.settings import reports_dir
+from marketplace_reco.training.runs import add_export_arguments, load_export
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 
@@ -46,11 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and evaluate HOG-SVM configurations on the real marketplace data (split by product) "
                     "and report held-out accuracy, macro-F1, feature-extraction and training time.",
     )
-    parser.add_argument("--data", type=Path, default=SHARED_DATA,
-                        help="folder with products.csv, images.csv and images/ (default: %(default)s); "
-                             "imported into a temporary SQLite database")
-    parser.add_argument("--db-url", default=None, help="use this database instead of importing --data")
-    parser.add_argument("--images", default=None, help="image location for --db-url (a folder or s3://bucket/prefix)")
+    add_export_arguments(parser, SHARED_DATA)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
                         help="configurations to run (default: all)")
     parser.add_argument("--C", type=float, nargs="+", default=[0.0001, 0.0003, 0.001], dest="C_values",
@@ -78,26 +72,20 @@ def _table(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-hog-svm-") as tmp:
-        try:
-            if args.db_url is None:
-                db_url = f"sqlite:///{Path(tmp) / 'marketplace.db'}"
-                import_csv(args.data / "products.csv", args.data / "images.csv", db_url)
-                images = str(args.data / "images")
-            else:
-                db_url, images = args.db_url, args.images
-            splits = load_marketplace(db_url, images).split((0.8, 0.1, 0.1), seed=args.seed)
-            rows, details = [], []
-            for name in args.configs:
-                run = train_hog_svm(splits, C_values=args.C_values, **CONFIGS[name][1])
-                rows.append(_row(name, run.metrics, run.model.n_features, run.data_summary))
-                details.append(f"- `{name}`: validation product macro-F1 by C "
-                               f"{run.metrics['validation_macro_f1_by_C']}, softmax temperature "
-                               f"{run.metrics['temperature']:.3g}")
-                print(_table(rows), flush=True)
-        except (DataError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    try:
+        marketplace, described = load_export(args)
+        splits = marketplace.split((0.8, 0.1, 0.1), seed=args.seed)
+        rows, details = [], []
+        for name in args.configs:
+            run = train_hog_svm(splits, C_values=args.C_values, **CONFIGS[name][1])
+            rows.append(_row(name, run.metrics, run.model.n_features, run.data_summary))
+            details.append(f"- `{name}`: validation product macro-F1 by C "
+                           f"{run.metrics['validation_macro_f1_by_C']}, softmax temperature "
+                           f"{run.metrics['temperature']:.3g}")
+            print(_table(rows), flush=True)
+    except (DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     report = args.report or reports_dir() / "bench_hog_svm.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     command = "python scripts/bench_hog_svm.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "# HOG-SVM benchmark on the real marketplace data\n\n"
         f"{datetime.date.today().isoformat()}, `{command.strip()}`, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}.\n\n"
-        f"Data: {db_url if args.db_url else args.data}, split by product 80/10/10 (stratified, seed {args.seed}). "
+        f"Data: {described}, split by product 80/10/10 (stratified, seed {args.seed}). "
         "accuracy and macro-F1 are per held-out test product (its photos' probabilities averaged); "
         "photo columns score each test photo alone. Feature seconds cover train, validation and test photos; "
         "train seconds cover every C tried.\n\n"

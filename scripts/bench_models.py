@@ -33,7 +33,6 @@ import torch
 
 from marketplace_reco.data.dataset import Marketplace, load_marketplace
 from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.importer import import_csv
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.models import load_model
 from marketplace_reco.models.errors import CheckpointError
@@ -45,7 +44,7 @@ from marketplace_reco.models.word2vec import train_word2vec_on_split
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
 from marketplace_reco.training.metrics import evaluate
-from marketplace_reco.training.runs import finish_run, split_summary
+from marketplace_reco.training.runs import add_export_arguments, finish_run, load_export, split_summary
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 COLUMNS = ("model", "configuration", "accuracy", "macro-F1", "train s", "test products")
@@ -56,15 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Train HOG-SVM, image, text and fusion models on one product split (80/10/10, stratified) and "
                     "report held-out accuracy, macro-F1 and training seconds side by side.",
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", type=Path, default=SHARED_DATA,
-                        help="folder with products.csv, images.csv and images/ (default: %(default)s); "
-                             "imported into a temporary SQLite database")
-    source.add_argument("--db-url", default=None, help="use this database instead of importing --data")
+    source = add_export_arguments(parser, SHARED_DATA)
     source.add_argument("--sample", action="store_true",
-                        help="generate the embedded synthetic sample into a temporary folder and use it")
-    parser.add_argument("--images", default=None, help="image location for --db-url (a folder or s3://bucket/prefix)")
-    parser.add_argument("--sample-products", type=int, default=390, help="products of --sample (default: %(default)s)")
+                        help="generate the embedded synthetic sample into a temporary folder and use it instead")
+    source.add_argument("--sample-products", type=int, default=390, help="products of --sample (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default: %(default)s)")
     group = parser.add_argument_group("image model (from scratch)")
     group.add_argument("--image-backbone", default="resnet10t", help="timm backbone (default: %(default)s)")
@@ -94,11 +88,7 @@ def _open(args: argparse.Namespace, tmp: Path) -> tuple[Marketplace, str]:
         db_url, images = f"sqlite:///{tmp / 'sample.db'}", str(tmp / "images")
         make_sample_marketplace(db_url, images, n_products=args.sample_products, seed=args.seed)
         return load_marketplace(db_url, images), f"embedded synthetic sample ({args.sample_products} products)"
-    if args.db_url is not None:
-        return load_marketplace(args.db_url, args.images), args.db_url
-    db_url = f"sqlite:///{tmp / 'marketplace.db'}"
-    import_csv(args.data / "products.csv", args.data / "images.csv", db_url)
-    return load_marketplace(db_url, str(args.data / "images")), f"real export {args.data}"
+    return load_export(args)
 
 
 def _timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

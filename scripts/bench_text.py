@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,15 +26,15 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
-from marketplace_reco.data.dataset import Marketplace, load_marketplace
+from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.importer import import_csv
 from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
 from marketplace_reco.models.word2vec import Word2VecEmbedding, train_word2vec_on_split
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
+from marketplace_reco.training.runs import add_export_arguments, load_export
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("tfidf-svm", "cnn-fine-tuned", "cnn-frozen")
@@ -46,11 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train TF-IDF + LinearSVC and word2vec + text CNN (frozen and fine-tuned embedding) on the same "
                     "product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
     )
-    source = parser.add_argument_group("data: an export folder (imported into a temporary SQLite) or a database")
-    source.add_argument("--shared", type=Path, default=REPO_ROOT.parent / "shared" / "marketplace",
-                        help="folder of the CSV export (products.csv, images.csv, images/) (default: %(default)s)")
-    source.add_argument("--db-url", default=None, help="read this database instead of importing --shared")
-    source.add_argument("--images", default=None, help="photo location with --db-url (default: <--shared>/images)")
+    add_export_arguments(parser, REPO_ROOT.parent / "shared" / "marketplace")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one product split (and training seed) per value (default: 0 1 2)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
@@ -158,13 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()  # one process; sets torch's threads from the cores (or OMP_NUM_THREADS)
     try:
-        with tempfile.TemporaryDirectory(prefix="bench_text_") as scratch:
-            if args.db_url:
-                db_url, images = args.db_url, args.images or str(args.shared / "images")
-            else:
-                db_url, images = f"sqlite:///{Path(scratch) / 'marketplace.db'}", str(args.shared / "images")
-                import_csv(args.shared / "products.csv", args.shared / "images.csv", db_url, progress=False)
-            marketplace = load_marketplace(db_url, images)
+        marketplace, source = load_export(args)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -195,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(row_name, []).append(row)
                 print(f"seed {seed} {row_name}: accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
                       f"{row['seconds']:.1f}s", flush=True)
-    source = args.db_url or f"{args.shared} (imported into a temporary SQLite database)"
     report = _report(results, args, source, sizes)
     output = args.output or reports_dir() / "bench_text.md"
     output.parent.mkdir(parents=True, exist_ok=True)

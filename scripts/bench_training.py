@@ -20,20 +20,19 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from marketplace_reco.data.dataset import Marketplace, load_marketplace
+from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.importer import import_csv
 from marketplace_reco.models.errors import CheckpointError
 from marketplace_reco.models.image_classifier import DEFAULT_TRAINABLE_LAYERS, ImageClassifier, train_image_classifier
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
+from marketplace_reco.training.runs import add_export_arguments, load_export
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 
@@ -43,11 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Seconds per training epoch of the same image model with and without the frozen-trunk "
                     "feature cache, on a subset of the real photos; prints the ratio.",
     )
-    parser.add_argument("--data", type=Path, default=SHARED_DATA,
-                        help="folder with products.csv, images.csv and images/ (default: %(default)s); "
-                             "imported into a temporary SQLite database")
-    parser.add_argument("--db-url", default=None, help="use this database instead of importing --data")
-    parser.add_argument("--images", default=None, help="image location for --db-url (a folder or s3://bucket/prefix)")
+    add_export_arguments(parser, SHARED_DATA)
     parser.add_argument("--photos", type=int, default=512, help="training photos (default: %(default)s)")
     parser.add_argument("--val-photos", type=int, default=64, help="validation photos (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default: %(default)s)")
@@ -91,22 +86,15 @@ def _run(args: argparse.Namespace, train: Marketplace, val: Marketplace, use_cac
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        try:
-            if args.db_url is None:
-                db_url = f"sqlite:///{Path(tmp) / 'marketplace.db'}"
-                import_csv(args.data / "products.csv", args.data / "images.csv", db_url)
-                images = str(args.data / "images")
-            else:
-                db_url, images = args.db_url, args.images
-            splits = load_marketplace(db_url, images).split((0.8, 0.1, 0.1), seed=args.seed)
-            train = _photo_subset(splits["train"], args.photos, args.seed)
-            val = _photo_subset(splits["val"], args.val_photos, args.seed)
-            uncached = _run(args, train, val, use_cache=False)
-            cached = _run(args, train, val, use_cache=True)
-        except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    try:
+        splits = load_export(args)[0].split((0.8, 0.1, 0.1), seed=args.seed)
+        train = _photo_subset(splits["train"], args.photos, args.seed)
+        val = _photo_subset(splits["val"], args.val_photos, args.seed)
+        uncached = _run(args, train, val, use_cache=False)
+        cached = _run(args, train, val, use_cache=True)
+    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     ratio = uncached["epoch"] / cached["epoch"]
     n_train = int(train.products["image_ids"].map(len).sum())
     n_val = int(val.products["image_ids"].map(len).sum())

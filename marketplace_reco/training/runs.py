@@ -11,11 +11,13 @@ import argparse
 import inspect
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..data.dataset import Marketplace, load_marketplace
+from ..data.importer import import_csv
 from ..models.checkpoint import CheckpointMixin
 from ..settings import checkpoints_dir
 from .metrics import plot_confusion_matrix, plot_training_curves
@@ -75,6 +77,29 @@ def add_training_arguments(parser: argparse.ArgumentParser, train: Callable[...,
     group.add_argument("--patience", type=int, default=defaults["patience"],
                        help=f"stop after this many epochs without {stops_without} (default: %(default)s)")
     return group
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, default_export: Path) -> argparse._ArgumentGroup:
+    """Where a benchmark reads the listings: a users' CSV export folder (the default) or a database."""
+    group = parser.add_argument_group("data: a CSV export (imported into a temporary SQLite database) or a database")
+    group.add_argument("--data", type=Path, default=default_export,
+                       help="export folder with products.csv, images.csv and images/ (default: %(default)s)")
+    group.add_argument("--db-url", default=None, help="read this database instead of importing --data")
+    group.add_argument("--images", default=None,
+                       help="photos with --db-url: a folder or s3://bucket/prefix (default: <--data>/images)")
+    return group
+
+
+def load_export(args: argparse.Namespace) -> tuple[Marketplace, str]:
+    """The marketplace named by the export arguments, and how a report describes it."""
+    if args.db_url is not None:
+        return load_marketplace(args.db_url, args.images or str(args.data / "images")), args.db_url
+    # The database only lives while it is read: the listings are in memory afterwards.
+    with tempfile.TemporaryDirectory(prefix="marketplace-export-") as scratch:
+        db_url = f"sqlite:///{Path(scratch) / 'marketplace.db'}"
+        import_csv(args.data / "products.csv", args.data / "images.csv", db_url, progress=False)
+        marketplace = load_marketplace(db_url, str(args.data / "images"))
+    return marketplace, f"{args.data} (imported into a temporary SQLite database)"
 
 
 def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:

@@ -159,10 +159,13 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         """[n, feature_dim] every member's feature-layer activations of [n, length] token ids, side by side."""
         return torch.cat([member.features(token_ids) for member in self.members], dim=1)
 
+    def _member_log_probabilities(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[n, ensemble_size, n_classes] each member's log class probabilities."""
+        return torch.stack([F.log_softmax(member(token_ids), dim=1) for member in self.members], dim=1)
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[n, n_classes] log of the members' mean class probabilities (usable as logits)."""
-        log_probabilities = torch.stack([F.log_softmax(member(token_ids), dim=1) for member in self.members])
-        return torch.logsumexp(log_probabilities, dim=0) - math.log(len(self.members))
+        return torch.logsumexp(self._member_log_probabilities(token_ids), dim=1) - math.log(len(self.members))
 
     # ---- raw text ----------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> EncodedTexts:
@@ -197,7 +200,7 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
 
     def predict_member_proba(self, texts: Sequence[str]) -> np.ndarray:
         """[n, ensemble_size, n_classes] each member's class probabilities (their spread shows disagreement)."""
-        return self._batched(texts, lambda ids: torch.stack([torch.softmax(m(ids), dim=1) for m in self.members], 1))
+        return self._batched(texts, lambda ids: self._member_log_probabilities(ids).exp())
 
     def predict_proba(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
         """[n, n_classes] class probabilities of raw texts; an empty or all-unknown text still gets a row."""

@@ -59,19 +59,18 @@ def _examples(settings: ServingSettings, photo: str) -> str:
     return "\n".join(lines)
 
 
-async def _announce_when_ready(server: uvicorn.Server, app: FastAPI, settings: ServingSettings,
-                               photo: str) -> None:
+async def _announce_when_ready(server: uvicorn.Server, app: FastAPI, examples: str) -> None:
     while not (server.started and app.state.pool.ready):
         await asyncio.sleep(_ANNOUNCE_POLL_S)
         failed = {name: status for name, status in app.state.pool.status.items() if status.startswith("failed")}
         if failed:
             logging.getLogger(__name__).error("not ready, see /ready: %s", failed)
             return
-    print(_examples(settings, photo), flush=True)
+    print(examples, flush=True)
 
 
-async def _serve(server: uvicorn.Server, app: FastAPI, settings: ServingSettings, photo: str) -> None:
-    announcer = asyncio.create_task(_announce_when_ready(server, app, settings, photo))
+async def _serve(server: uvicorn.Server, app: FastAPI, examples: str) -> None:
+    announcer = asyncio.create_task(_announce_when_ready(server, app, examples))
     try:
         await server.serve()
     finally:
@@ -90,6 +89,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
     server = uvicorn.Server(config)
+    photo = shlex.quote(str(args.example_photo)) if args.example_photo else "photo.jpg"
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        photo = shlex.quote(str(args.example_photo)) if args.example_photo else "photo.jpg"
-        runner.run(_serve(server, app, settings, photo))
+        runner.run(_serve(server, app, _examples(settings, photo)))

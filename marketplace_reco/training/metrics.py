@@ -67,12 +67,13 @@ def plot_training_curves(history: Sequence[dict[str, float]], path: Path, title:
 
     Rows with a ``member`` key (an ensemble's members, trained one after the other) get a line per member.
     """
-    members = sorted({row.get("member", 0) for row in history})
+    by_member: dict[int, list[dict[str, float]]] = {}
+    for row in history:
+        by_member.setdefault(int(row.get("member", 0)), []).append(row)
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, suffix in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         for key in sorted({k for row in history for k in row if k.endswith(suffix)}):
-            for member in members:
-                rows = [row for row in history if row.get("member", 0) == member]
+            for member, rows in sorted(by_member.items()):
                 label = f"{key} (member {member})" if member else key
                 ax.plot([row["epoch"] for row in rows], [row.get(key, np.nan) for row in rows], marker="o",
                         markersize=3, label=label)

@@ -51,9 +51,10 @@ _MODEL = default_arguments(TextCNN.__init__)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Word2vec embedding -> convolutions of several widths, max-pooled over time -> dropout -> "
-                    "feature layer -> classes, an ensemble of members trained one after the other with AdamW, a "
-                    "one-cycle LR schedule and early stopping on validation accuracy (each keeps its best epoch); "
-                    "the ensemble averages their probabilities and is evaluated on the held-out test products. "
+                    "feature layer -> classes, an ensemble of members trained one after the other with AdamW, "
+                    "adversarial training on the word vectors, a one-cycle LR schedule and early stopping on "
+                    "validation accuracy (each keeps its best epoch); the ensemble averages their probabilities "
+                    "and is evaluated on the held-out test products. "
                     "Writes config.json, model.safetensors, README.md, confusion_matrix.png, training_curves.png "
                     "and history.json.",
     )
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
                                    stops_without="a better validation accuracy (per member)")
     group.add_argument("--label-smoothing", type=float, default=default_arguments(train_text_cnn)["label_smoothing"],
                        help="share of each target spread over the other classes (default: %(default)s)")
+    group.add_argument("--adversarial-epsilon", type=float,
+                       default=default_arguments(train_text_cnn)["adversarial_epsilon"],
+                       help="adversarial training: each text's word vectors are also moved this share of their norm "
+                            "in the direction that raises the loss most; 0 turns it off and halves the training "
+                            "time (default: %(default)s)")
     return parser
 
 
@@ -125,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
             splits["val"].products["text"].tolist(), splits["val"].label_indices,
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-            patience=args.patience, label_smoothing=args.label_smoothing, seed=args.seed, context=context,
+            patience=args.patience, label_smoothing=args.label_smoothing,
+            adversarial_epsilon=args.adversarial_epsilon, seed=args.seed, context=context,
         )
         training_s = time.perf_counter() - started
         if context.is_main:

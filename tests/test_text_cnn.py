@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from marketplace_reco.models import load_model
-from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
+from marketplace_reco.models.text_cnn import TextCNN, _AdversarialLoss, members_history, train_text_cnn
 from marketplace_reco.models.word2vec import PAD_INDEX, Word2VecEmbedding, train_word2vec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,32 @@ def test_members_train_apart_and_the_model_averages_their_probabilities(embeddin
     np.testing.assert_allclose(model.predict_proba(texts=texts), members.mean(axis=1), atol=1e-6)
     history = members_history(results)
     assert [row["member"] for row in history] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("fine_tune", [True, False])
+def test_adversarial_training_adds_the_loss_at_word_vectors_moved_uphill(embedding: Word2VecEmbedding,
+                                                                          fine_tune: bool) -> None:
+    model = _model(embedding, dropout=0.0, fine_tune_embedding=fine_tune)
+    member = model.members[0]
+    texts, labels = _data(8, seed=7)
+    ids, targets = torch.from_numpy(model.encode(texts).ids), torch.tensor(labels)
+    loss = _AdversarialLoss(member, epsilon=0.5, label_smoothing=0.1)
+    try:
+        member.train()
+        clean = torch.nn.functional.cross_entropy(member(ids), targets, label_smoothing=0.1)
+        combined = loss(member(ids), targets)
+        adversarial = 2 * combined - clean  # the loss averages the clean and the adversarial loss
+        assert float(adversarial.detach()) > float(clean.detach()) + 1e-3
+        combined.backward()  # one backward reaches the weights through both passes
+        assert member.convs[0].weight.grad is not None
+        assert (member.embedding.weight.grad is not None) == fine_tune
+        member.eval()
+        with torch.no_grad():  # validation: the plain loss, no hook at work
+            torch.testing.assert_close(loss(member(ids), targets),
+                                       torch.nn.functional.cross_entropy(member(ids), targets, label_smoothing=0.1))
+    finally:
+        loss.close()
+    assert not member.embedding._forward_hooks
 
 
 def test_empty_and_unknown_inputs_still_get_a_full_probability_row(trained: TextCNN) -> None:

@@ -2,17 +2,21 @@
 
 Every row is trained on the same product split per seed and evaluated on that split's held-out test
 products; the table gives mean ± standard deviation over the seeds of accuracy, macro-F1 and training
-time (word2vec + CNN for the CNN rows), printed and written to reports/bench_text.md.
+time (word2vec + CNN for the CNN rows), printed and written to reports/bench_text.md. Each finished
+(seed, model) result is also appended to a journal beside the report (bench_text.jsonl), so a long run that
+is stopped loses nothing: ``--resume`` reuses the journal's results and trains only what is missing.
 
 Examples:
     python scripts/bench_text.py                                  # ../shared/marketplace, seeds 0 1 2
     python scripts/bench_text.py --seeds 0 --rows tfidf-svm cnn-frozen
     python scripts/bench_text.py --db-url sqlite:///data/real.db --images ../shared/marketplace/images
+    python scripts/bench_text.py --seeds 0 1 2 3 4 5 --resume        # adds seeds 3-5 to an earlier run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -57,8 +61,48 @@ def _parser() -> argparse.ArgumentParser:
                              "(exactly what --ensemble-size k trains), 1 is the mean of the members scored alone "
                              "(default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="report file (default: <reports folder>/bench_text.md)")
+                        help="report file (default: <reports folder>/bench_text.md); its journal of results is "
+                             "the same path with the suffix .jsonl")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the journal's results for the same data, fractions, seeds and models instead of "
+                             "starting it afresh; only the missing ones are trained (results of the same code: after "
+                             "changing a model, run without --resume)")
     return parser
+
+
+class _Journal:
+    """Results as JSON lines, one per (seed, model), appended as soon as they are known.
+
+    A result is reused only for the same data source, split fractions and CNN ensemble sizes, so a journal
+    never mixes runs that are not comparable.
+    """
+
+    def __init__(self, path: Path, setup: dict[str, object], resume: bool) -> None:
+        self.path = path
+        self.setup = setup
+        self.results: dict[tuple[int, str], list[dict[str, object]]] = {}
+        if resume and path.exists():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}, line {number}: not a JSON result ({exc}); remove the line") from exc
+                if entry.get("setup") == setup:
+                    self.results.setdefault((entry["seed"], entry["row"]), []).append(entry)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("", encoding="utf-8")
+
+    def get(self, seed: int, row: str) -> dict[str, dict[str, float]] | None:
+        """The journal's scores of ``row`` on ``seed`` by model name, or None when they are not there."""
+        entries = self.results.get((seed, row))
+        return {entry["model"]: entry["scores"] for entry in entries} if entries else None
+
+    def add(self, seed: int, row: str, scored: dict[str, dict[str, float]]) -> None:
+        with self.path.open("a", encoding="utf-8") as journal:
+            for model, scores in scored.items():
+                journal.write(json.dumps({"seed": seed, "row": row, "model": model, "scores": scores,
+                                          "setup": self.setup}) + "\n")
 
 
 def _tfidf_svm(splits: dict[str, Marketplace], seed: int, plain: bool) -> tuple[np.ndarray, float]:
@@ -112,7 +156,7 @@ def _mean_std(values: list[float], digits: int) -> str:
 
 
 def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, source: str,
-            sizes: dict[str, int]) -> str:
+            sizes: dict[str, int], journal: Path, reused_runs: int) -> str:
     header = ["model", "accuracy", "macro-F1", "train s", "accuracy per seed"]
     rows = [[name, _mean_std([r["accuracy"] for r in runs], 4), _mean_std([r["macro_f1"] for r in runs], 4),
              _mean_std([r["seconds"] for r in runs], 1), " ".join(f"{r['accuracy']:.4f}" for r in runs)]
@@ -147,7 +191,9 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         f"with {torch.get_num_threads()} thread(s); 1-minute load average at the end {load:.1f}. The cores are "
         "shared with other work, so the times are pessimistic.",
         "",
-        f"Command: `python scripts/bench_text.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python scripts/bench_text.py {' '.join(sys.argv[1:])}`"
+        + (f"; {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the journal "
+           f"{journal.name} (`--resume`), their times from the run that made them." if reused_runs else ""),
         "",
     ])
 
@@ -162,14 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    output = args.output or reports_dir() / "bench_text.md"
+    try:
+        journal = _Journal(output.with_suffix(".jsonl"), {"data": source, "fractions": list(fractions),
+                                                          "ensemble_sizes": sorted(args.ensemble_sizes)}, args.resume)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     results: dict[str, list[dict[str, float]]] = {}
     sizes: dict[str, int] = {}
+    reused_runs = 0
     for seed in args.seeds:
         splits = marketplace.split(fractions, seed=seed)
         sizes = {name: len(split.products) for name, split in splits.items()}
         embedding, word2vec_s = None, 0.0
         for name in args.rows:
-            if name in TFIDF_ROWS:
+            reused = journal.get(seed, name)
+            if reused is not None:
+                scored, reused_runs = reused, reused_runs + 1
+            elif name in TFIDF_ROWS:
                 scores, seconds = _tfidf_svm(splits, seed, plain=name == "tfidf-svm-plain")
                 metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
                 scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
@@ -184,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                                      sorted(args.ensemble_sizes, reverse=True), marketplace.classes, seconds,
                                      word2vec_s)
                 scored = {f"{name}, {k} member{'s' if k > 1 else ''}": row for k, row in by_size.items()}
+            if reused is None:
+                journal.add(seed, name, scored)
             for row_name, row in scored.items():
                 results.setdefault(row_name, []).append(row)
                 print(f"seed {seed} {row_name}: accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
-                      f"{row['seconds']:.1f}s", flush=True)
-    report = _report(results, args, source, sizes)
-    output = args.output or reports_dir() / "bench_text.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
+                      f"{row['seconds']:.1f}s{' (from the journal)' if reused is not None else ''}", flush=True)
+    report = _report(results, args, source, sizes, journal.path, reused_runs)
     output.write_text(report, encoding="utf-8")
     print(report)
     print(f"report: {output}")

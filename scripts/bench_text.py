@@ -99,10 +99,11 @@ class _Journal:
         return {entry["model"]: entry["scores"] for entry in entries} if entries else None
 
     def add(self, seed: int, row: str, scored: dict[str, dict[str, float]]) -> None:
+        # One write for a row's results, so a run stopped here leaves all of them or none.
+        lines = "".join(json.dumps({"seed": seed, "row": row, "model": model, "scores": scores, "setup": self.setup})
+                        + "\n" for model, scores in scored.items())
         with self.path.open("a", encoding="utf-8") as journal:
-            for model, scores in scored.items():
-                journal.write(json.dumps({"seed": seed, "row": row, "model": model, "scores": scores,
-                                          "setup": self.setup}) + "\n")
+            journal.write(lines)
 
 
 def _tfidf_svm(splits: dict[str, Marketplace], seed: int, plain: bool) -> tuple[np.ndarray, float]:
@@ -202,14 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()  # one process; sets torch's threads from the cores (or OMP_NUM_THREADS)
-    try:
-        marketplace, source = load_export(args)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
     output = args.output or reports_dir() / "bench_text.md"
     try:
+        marketplace, source = load_export(args)
         journal = _Journal(output.with_suffix(".jsonl"), {"data": source, "fractions": list(fractions),
                                                           "ensemble_sizes": sorted(args.ensemble_sizes)}, args.resume)
     except DataError as exc:

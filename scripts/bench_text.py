@@ -80,7 +80,8 @@ class _Journal:
     def __init__(self, path: Path, setup: dict[str, object], resume: bool) -> None:
         self.path = path
         self.setup = setup
-        self.results: dict[tuple[int, str], list[dict[str, object]]] = {}
+        #: (seed, row) -> the scores of each model that row produced.
+        self.results: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
         if resume and path.exists():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 try:
@@ -88,15 +89,14 @@ class _Journal:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}, line {number}: not a JSON result ({exc}); remove the line") from exc
                 if entry.get("setup") == setup:
-                    self.results.setdefault((entry["seed"], entry["row"]), []).append(entry)
+                    self.results.setdefault((entry["seed"], entry["row"]), {})[entry["model"]] = entry["scores"]
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("", encoding="utf-8")
 
     def get(self, seed: int, row: str) -> dict[str, dict[str, float]] | None:
         """The journal's scores of ``row`` on ``seed`` by model name, or None when they are not there."""
-        entries = self.results.get((seed, row))
-        return {entry["model"]: entry["scores"] for entry in entries} if entries else None
+        return self.results.get((seed, row))
 
     def add(self, seed: int, row: str, scored: dict[str, dict[str, float]]) -> None:
         # One write for a row's results, so a run stopped here leaves all of them or none.

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from script_modules import load_script
 
 
 def _bench(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("bench_text", REPO_ROOT / "scripts" / "bench_text.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)  # type: ignore[attr-defined]
+    return load_script("bench_text").main(argv)
 
 
 def _lines(path: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -17,8 +16,8 @@ from sklearn.base import clone
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.models import CheckpointError, ModelConfigError, create_model, load_model
 from marketplace_reco.models.hog_svm import HogSvmClassifier, HOGTransformer, _fit_temperature
+from script_modules import load_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["horizontal", "vertical", "diagonal"]
 
 
@@ -148,19 +147,11 @@ def test_mismatched_hog_parameters_fail_clearly(trained: HogSvmClassifier, tmp_p
 
 
 # ---- the training script on the embedded sample ----------------------------------------------
-def _train_script() -> object:
-    spec = importlib.util.spec_from_file_location("train_hog_svm", REPO_ROOT / "scripts" / "train_hog_svm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_script_on_the_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db_url = f"sqlite:///{tmp_path / 'sample.db'}"
     make_sample_marketplace(db_url, tmp_path / "images", n_products=65, progress=False)
     output = tmp_path / "checkpoints" / "hog-svm"
-    code = _train_script().main([  # type: ignore[attr-defined]
+    code = load_script("train_hog_svm").main([
         "--db-url", db_url, "--images", str(tmp_path / "images"), "--output", str(output),
         "--val-fraction", "0.2", "--test-fraction", "0.2", "--image-size", "64", "--C", "0.01", "0.1",
     ])
@@ -183,7 +174,7 @@ def test_training_script_on_the_sample(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_training_script_reports_bad_data_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = _train_script().main(["--db-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}",  # type: ignore[attr-defined]
+    code = load_script("train_hog_svm").main(["--db-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}",
                                  "--images", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1

@@ -7,7 +7,6 @@ HTTP server speaking the Hub API; S3 runs boto3 against the session's moto serve
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import stat
@@ -31,8 +30,8 @@ from marketplace_reco.models.hub import (
     push_checkpoint,
     resolve_checkpoint,
 )
+from script_modules import load_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HF_TOKEN = "hf_test_token"
 
 
@@ -245,10 +244,7 @@ def test_model_push_to_hub_reaches_s3_and_hugging_face(hf_hub: FakeHub, s3_bucke
 # ---- the scripts ----------------------------------------------------------------------------
 def _script(name: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run a script's main() in this process (a subprocess would spend its time importing torch)."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO_ROOT / "scripts" / name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(name.removesuffix(".py"))
     capsys.readouterr()
     code = module.main(list(args))
     captured = capsys.readouterr()

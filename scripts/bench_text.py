@@ -34,11 +34,11 @@ from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.data.errors import DataError
 from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
-from marketplace_reco.models.word2vec import Word2VecEmbedding, train_word2vec_on_split
+from marketplace_reco.models.word2vec import Word2VecEmbedding, train_word2vec, train_word2vec_on_split
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
-from marketplace_reco.training.runs import add_export_arguments, load_export
+from marketplace_reco.training.runs import add_export_arguments, default_arguments, load_export
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("tfidf-svm", "tfidf-svm-plain", "cnn-fine-tuned", "cnn-frozen")
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="held-out test share (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="models to run (default: all)")
+    parser.add_argument("--label-interval", type=int,
+                        default=default_arguments(train_word2vec)["label_interval"],
+                        help="word2vec reads each training text's class as a pseudo-word every N tokens; 0: plain "
+                             "word2vec (default: %(default)s, the library's)")
     parser.add_argument("--ensemble-sizes", type=int, nargs="+", default=[1, 3, 5],
                         help="CNN ensembles to score: the largest is trained, a smaller one is its first members "
                              "(exactly what --ensemble-size k trains), 1 is the mean of the members scored alone "
@@ -73,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 class _Journal:
     """Results as JSON lines, one per (seed, model), appended as soon as they are known.
 
-    A result is reused only for the same data source, split fractions and CNN ensemble sizes, so a journal
+    A result is reused only for the same data source, split fractions, CNN ensemble sizes and word2vec label
+    interval, so a journal
     never mixes runs that are not comparable.
     """
 
@@ -179,7 +184,10 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         "- `tfidf-svm`: word 1-2-gram TF-IDF with sublinear tf over the same tokens (TextPreprocessor defaults), "
         "LinearSVC C=1 (reference). `tfidf-svm-plain`: scikit-learn's defaults (unigram TF-IDF of the raw "
         "lower-cased text), LinearSVC C=1: an untuned baseline, for scale.",
-        "- `cnn-*`: skip-gram word2vec trained on each split's training text only, then the text CNN with the "
+        "- `cnn-*`: skip-gram word2vec trained on each split's training text only"
+        + (f", with each text's class read as a pseudo-word every {args.label_interval} tokens (`--label-interval`)"
+           if args.label_interval else ", plain (`--label-interval 0`: no class pseudo-words)")
+        + ", then the text CNN with the "
         "library defaults (scripts/train_text_cnn.py's: adversarial training on the word vectors, epsilon 0.05) but "
         "`ensemble_size`: members trained one after the other (seeds seed, seed+1, ...), their probabilities "
         "averaged. `cnn-frozen` keeps the word2vec vectors fixed "
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         marketplace, source = load_export(args)
         journal = _Journal(output.with_suffix(".jsonl"), {"data": source, "fractions": list(fractions),
-                                                          "ensemble_sizes": sorted(args.ensemble_sizes)}, args.resume)
+                                                          "ensemble_sizes": sorted(args.ensemble_sizes),
+                                                          "label_interval": args.label_interval}, args.resume)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows
                     started = time.perf_counter()
-                    embedding = train_word2vec_on_split(splits["train"], seed=seed)
+                    embedding = train_word2vec_on_split(splits["train"], seed=seed,
+                                                        label_interval=args.label_interval)
                     word2vec_s = time.perf_counter() - started
                 member_scores, seconds = _text_cnn(splits, seed, embedding, fine_tune=name == "cnn-fine-tuned",
                                                    ensemble_size=max(args.ensemble_sizes))

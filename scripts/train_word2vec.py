@@ -1,7 +1,9 @@
 """Train skip-gram word2vec on the training split's listing text and save it (default: checkpoints/word2vec).
 
-Only the training products' text is used, never validation or test text, and the checkpoint records a
-fingerprint of those products so that scripts/train_text_cnn.py can refuse an embedding from another split.
+Only the training products' text and classes are used, never validation or test listings, and the checkpoint
+records a fingerprint of those products so that scripts/train_text_cnn.py can refuse an embedding from another
+split. Each training text's class is read as a pseudo-word every --label-interval tokens, which makes the
+vectors class-aware; --label-interval 0 trains plain word2vec.
 
 Examples:
     python scripts/train_word2vec.py                     # the embedded sample (data/marketplace.db)
@@ -35,8 +37,9 @@ _DEFAULTS = default_arguments(train_word2vec)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train gensim Word2Vec (skip-gram, negative sampling) on the cleaned name + description of "
-                    "the training products only. Writes config.json (vocabulary, preprocessing, nearest "
-                    "neighbours), model.safetensors (vectors), README.md and embedding_2d.png.",
+                    "the training products only, with their classes as pseudo-words (--label-interval). Writes "
+                    "config.json (vocabulary, preprocessing, nearest neighbours), model.safetensors (vectors), "
+                    "README.md and embedding_2d.png.",
     )
     add_data_arguments(parser)
     add_output_arguments(parser, "word2vec")
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens seen fewer times in the training text become <unk> (default: %(default)s)")
     group.add_argument("--epochs", type=int, default=_DEFAULTS["epochs"],
                        help="passes over the training text (default: %(default)s)")
+    group.add_argument("--label-interval", type=int, default=_DEFAULTS["label_interval"],
+                       help="read each training text's class as a pseudo-word every N tokens, so that words of "
+                            "one class get similar vectors; 0: plain word2vec (default: %(default)s)")
     group.add_argument("--workers", type=int, default=_DEFAULTS["workers"],
                        help="gensim worker threads (default: %(default)s)")
     group.add_argument("--stemmer", choices=("snowball", "porter", "none"), default="snowball",
@@ -73,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         embedding = train_word2vec_on_split(
             train, TextPreprocessor(stemmer=None if args.stemmer == "none" else args.stemmer),
             neighbours_of=args.neighbours, dim=args.dim, window=args.window, negative=args.negative,
-            min_count=args.min_count, epochs=args.epochs, seed=args.seed, workers=args.workers,
+            min_count=args.min_count, epochs=args.epochs, label_interval=args.label_interval, seed=args.seed,
+            workers=args.workers,
         )
         folder = output_folder(args)
         plot_embedding_2d(embedding, folder / "embedding_2d.png", n_words=args.plot_words, method=args.plot_method,

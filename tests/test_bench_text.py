@@ -45,6 +45,11 @@ def test_the_journal_keeps_each_result_and_resume_reuses_only_comparable_ones(
     # Another split is not comparable: nothing is reused, and the new results join the journal.
     assert _bench([*data, *rows, "--seeds", "0", "--test-fraction", "0.2", "--resume"]) == 0
     assert "(from the journal)" not in capsys.readouterr().out and len(_lines(journal)) == 8
+    # So is a word2vec trained another way (plain, without class pseudo-words).
+    assert _bench([*data, *rows, "--seeds", "0", "--label-interval", "0", "--resume"]) == 0
+    assert "(from the journal)" not in capsys.readouterr().out and len(_lines(journal)) == 10
+    assert _lines(journal)[-1]["setup"]["label_interval"] == 0 and entries[0]["setup"]["label_interval"] == 3
+    assert "plain (`--label-interval 0`" in report.read_text()
 
     # Without --resume a run starts its journal afresh.
     assert _bench([*data, "--rows", "tfidf-svm", "--seeds", "0"]) == 0

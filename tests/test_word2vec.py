@@ -20,6 +20,7 @@ from marketplace_reco.models.word2vec import (
     UNK_INDEX,
     TokenEncoder,
     Word2VecEmbedding,
+    _with_label_tokens,
     check_training_split,
     plot_embedding_2d,
     train_word2vec,
@@ -109,6 +110,56 @@ def test_save_load_round_trip_without_pickle(embedding: Word2VecEmbedding, tmp_p
     assert plot.stat().st_size > 1000
 
 
+def test_label_tokens_are_placed_every_interval_tokens_and_at_both_ends() -> None:
+    assert _with_label_tokens(["a", "b", "c", "d", "e"], "Phones", 2) == [
+        "<label Phones>", "a", "b", "<label Phones>", "c", "d", "<label Phones>", "e", "<label Phones>"]
+    assert _with_label_tokens(["a", "b"], 0, 3) == ["<label 0>", "a", "b", "<label 0>"]
+
+
+def _cosine(embedding: Word2VecEmbedding, a: str, b: str) -> float:
+    u, v = (embedding.vectors[embedding.vocabulary.index(word)] for word in (a, b))
+    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
+def test_class_pseudo_words_bring_words_of_one_class_together() -> None:
+    # Each text has one key word among fillers shared by all classes; key words never meet each other, so
+    # plain word2vec sees the same contexts around all four. Class 0 owns alpha and bravo, class 1 delta and echo.
+    rng = np.random.default_rng(0)
+    fillers = "red blue green white black brown grey pink".split()
+    keys = {"alpha": 0, "bravo": 0, "delta": 1, "echo": 1}
+    texts, labels = [], []
+    for i in range(400):
+        key = list(keys)[i % 4]
+        words = [*rng.choice(fillers, 6)]
+        words.insert(int(rng.integers(0, 7)), key)
+        texts.append(" ".join(words))
+        labels.append(keys[key])
+    options = dict(dim=16, window=2, negative=5, min_count=1, epochs=30, workers=1, progress=False)
+    aware = train_word2vec(texts, labels=labels, label_interval=2, **options)
+    plain = train_word2vec(texts, **options)
+
+    def class_gap(embedding: Word2VecEmbedding) -> float:
+        """Same-class minus other-class similarity of the key words."""
+        same = (_cosine(embedding, "alpha", "bravo") + _cosine(embedding, "delta", "echo")) / 2
+        other = np.mean([_cosine(embedding, a, b) for a in ("alpha", "bravo") for b in ("delta", "echo")])
+        return float(same - other)
+
+    assert class_gap(aware) > 0.3
+    assert class_gap(aware) > class_gap(plain) + 0.2
+    # The pseudo-words shape the vectors but are not words: the vocabulary and the record say so.
+    assert not [token for token in aware.vocabulary if token.startswith("<label")]
+    assert sorted(aware.vocabulary) == sorted(plain.vocabulary)
+    assert aware.config["label_interval"] == 2 and plain.config["label_interval"] == 0
+    assert aware.data_summary["tokens"] == plain.data_summary["tokens"] == 400 * 7
+
+
+def test_labels_must_match_the_texts() -> None:
+    with pytest.raises(ValueError, match="1 labels for 2 texts"):
+        train_word2vec(["sofa chair", "drill saw"], labels=["Home"], progress=False)
+    with pytest.raises(ValueError, match="label_interval must be 0"):
+        train_word2vec(["sofa chair"], labels=["Home"], label_interval=-1, progress=False)
+
+
 def _write_export(folder: Path, listings: list[tuple[str, str, str]]) -> dict[str, str]:
     """A tiny CSV export (no photos) imported into SQLite: (id, name + description, category) per product."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,6 +204,8 @@ def test_script_trains_on_the_training_split_only(tmp_path: Path) -> None:
 
     embedding = Word2VecEmbedding.from_pretrained(str(output))
     assert embedding.metrics["nearest_neighbours"]["sofa"]
+    assert embedding.config["label_interval"] == 3  # the training classes were read, as pseudo-words only
+    assert not [token for token in vocabulary if token.startswith("<label")]
     check_training_split(embedding, splits["train"].products["product_id"])  # the same split passes
     other = load_marketplace(data["db_url"], data["images"]).split((0.8, 0.1, 0.1), seed=4)["train"]
     with pytest.raises(CheckpointError, match="different set of products"):

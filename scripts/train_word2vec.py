@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("report")
     group.add_argument("--neighbours", nargs="+", default=None, metavar="WORD",
                        help="words whose nearest neighbours are printed and stored "
-                            "(default: 8 tokens spread over the 80 most frequent)")
+                            "(default: the token most typical of each class's training texts)")
     group.add_argument("--plot-words", type=int, default=200,
                        help="most frequent tokens in the plot (default: %(default)s)")
     group.add_argument("--plot-method", choices=("tsne", "pca"), default="tsne",

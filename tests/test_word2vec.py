@@ -23,6 +23,7 @@ from marketplace_reco.models.word2vec import (
     _with_label_tokens,
     check_training_split,
     plot_embedding_2d,
+    probe_words,
     train_word2vec,
 )
 
@@ -108,6 +109,19 @@ def test_save_load_round_trip_without_pickle(embedding: Word2VecEmbedding, tmp_p
     assert loaded.nearest("sofa", 3) == embedding.nearest("sofa", 3)
     plot = plot_embedding_2d(loaded, tmp_path / "plot.png", n_words=20, method="pca")
     assert plot.stat().st_size > 1000
+
+
+def test_probe_words_are_each_class_s_most_typical_token_not_the_shared_ones(embedding: Word2VecEmbedding) -> None:
+    # "good condition collection" ends every text and is the most frequent; each class's own words win instead.
+    texts = ["sofa chair good condition collection", "sofa table good condition", "oak sofa collection",
+             "drill saw good condition", "drill hammer collection", "drill good condition"]
+    labels = ["Home", "Home", "Home", "Tools", "Tools", "Tools"]
+    assert probe_words(embedding, texts, labels) == ["sofa", "drill"]
+    # Equal scores (drill and saw: 2 of 2 texts each): the more frequent token in the vocabulary.
+    tied = probe_words(embedding, texts[3:5] + ["saw"], ["Tools"] * 3)
+    assert tied == [min("drill", "saw", key=embedding.vocabulary.index)]
+    assert probe_words(embedding, ["Drills! and zeppelins"], ["Tools"]) == ["drill"]  # preprocessed, known tokens only
+    assert probe_words(embedding, ["zeppelin"], ["Tools"]) == []
 
 
 def test_label_tokens_are_placed_every_interval_tokens_and_at_both_ends() -> None:

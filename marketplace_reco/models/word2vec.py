@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,9 +257,26 @@ def train_word2vec(
     return embedding
 
 
-def probe_words(embedding: Word2VecEmbedding, n: int = 8, spread: int = 10) -> list[str]:
-    """``n`` tokens to judge the embedding by: every ``spread``-th of the most frequent, so not only stop-like words."""
-    return embedding.vocabulary[2: 2 + n * spread: spread]
+def probe_words(embedding: Word2VecEmbedding, texts: Sequence[str], labels: Sequence[Any]) -> list[str]:
+    """One token per class to judge the embedding by: the vocabulary token most typical of that class's texts.
+
+    A token's score for a class is the number of the class's texts that contain it times the share of all texts
+    containing it that are of that class, so a frequent word ("new", "size") shared by every class scores low
+    and a person sees the neighbours of words like "sofa" or "drill". Classes in sorted order, no token twice;
+    of tokens with equal scores the more frequent one (the lower vocabulary index) is taken.
+    """
+    texts_with: dict[int, Counter[Any]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        for index in {embedding.encoder.index.get(token, UNK_INDEX) for token in embedding.encoder.tokenize(text)}:
+            if index != UNK_INDEX:
+                texts_with.setdefault(index, Counter())[label] += 1
+    words: list[str] = []
+    for label in sorted(set(labels), key=str):
+        scores = [(counts[label] ** 2 / counts.total(), -index) for index, counts in texts_with.items()
+                  if counts[label] and embedding.vocabulary[index] not in words]
+        if scores:
+            words.append(embedding.vocabulary[-max(scores)[1]])
+    return words
 
 
 def train_word2vec_on_split(
@@ -272,17 +290,17 @@ def train_word2vec_on_split(
 
     ``data_summary`` gets the split's summary and a fingerprint of its products (checked by
     ``check_training_split`` before a classifier uses the embedding); ``metrics`` gets the nearest
-    neighbours of ``neighbours_of`` (default: ``probe_words``), for a person to judge the vectors.
+    neighbours of ``neighbours_of`` (default: ``probe_words``, one per class), for a person to judge the vectors.
     """
-    embedding = train_word2vec(train.products["text"].tolist(), preprocessor,
-                               labels=train.products["label"].tolist(), **hyperparameters)
+    texts, labels = train.products["text"].tolist(), train.products["label"].tolist()
+    embedding = train_word2vec(texts, preprocessor, labels=labels, **hyperparameters)
     embedding.data_summary = {
         **embedding.data_summary,
         "split": "train",
         "train_products": training_fingerprint(train.products["product_id"]),
         **train.summary(),
     }
-    words = list(neighbours_of) if neighbours_of else probe_words(embedding)
+    words = list(neighbours_of) if neighbours_of else probe_words(embedding, texts, labels)
     neighbours: dict[str, Any] = {}
     for word in words:
         try:

@@ -117,7 +117,7 @@ def test_probe_words_are_each_class_s_most_typical_token_not_the_shared_ones(emb
              "drill saw good condition", "drill hammer collection", "drill good condition"]
     labels = ["Home", "Home", "Home", "Tools", "Tools", "Tools"]
     assert probe_words(embedding, texts, labels) == ["sofa", "drill"]
-    # Equal scores (drill and saw: 2 of 2 texts each): the more frequent token in the vocabulary.
+    # Equal scores (drill and saw are each in 2 texts, all of the class): the more frequent token in the vocabulary.
     tied = probe_words(embedding, texts[3:5] + ["saw"], ["Tools"] * 3)
     assert tied == [min("drill", "saw", key=embedding.vocabulary.index)]
     assert probe_words(embedding, ["Drills! and zeppelins"], ["Tools"]) == ["drill"]  # preprocessed, known tokens only

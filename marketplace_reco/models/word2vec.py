@@ -270,13 +270,12 @@ def probe_words(embedding: Word2VecEmbedding, texts: Sequence[str], labels: Sequ
         for index in {embedding.encoder.index.get(token, UNK_INDEX) for token in embedding.encoder.tokenize(text)}:
             if index != UNK_INDEX:
                 texts_with.setdefault(index, Counter())[label] += 1
-    words: list[str] = []
+    chosen: list[int] = []
     for label in sorted(set(labels), key=str):
-        scores = [(counts[label] ** 2 / counts.total(), -index) for index, counts in texts_with.items()
-                  if counts[label] and embedding.vocabulary[index] not in words]
-        if scores:
-            words.append(embedding.vocabulary[-max(scores)[1]])
-    return words
+        candidates = [index for index, counts in texts_with.items() if counts[label] and index not in chosen]
+        if candidates:
+            chosen.append(max(candidates, key=lambda i: (texts_with[i][label] ** 2 / texts_with[i].total(), -i)))
+    return [embedding.vocabulary[index] for index in chosen]
 
 
 def train_word2vec_on_split(

@@ -11,6 +11,7 @@ set the variables below.
 | ``checkpoints_dir()``      | ``MARKETPLACE_CHECKPOINTS`` | ``<cwd>/checkpoints``            |
 | ``reports_dir()``          | ``MARKETPLACE_REPORTS``    | ``<cwd>/reports``                 |
 | ``cache_dir()``            | ``MARKETPLACE_CACHE``      | ``<cwd>/.cache``                  |
+| ``benchmark_export_dir()`` | ``MARKETPLACE_BENCHMARK_DATA`` | ``<cwd>/../shared/marketplace`` (the real export) |
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def reports_dir() -> Path:
 def cache_dir() -> Path:
     """Folder for downloaded files such as S3 photos (``MARKETPLACE_CACHE``, default ``.cache/``)."""
     return _path_from_env("MARKETPLACE_CACHE", ".cache")
+
+
+def benchmark_export_dir() -> Path:
+    """The CSV export the benchmarks read by default (``MARKETPLACE_BENCHMARK_DATA``, default ``../shared/marketplace``:
+    the real listings beside a checkout)."""
+    return _path_from_env("MARKETPLACE_BENCHMARK_DATA", "../shared/marketplace").resolve()
 
 
 def s3_client(*, read_timeout: float, max_pool_connections: int = 10) -> Any:

@@ -20,9 +20,6 @@ Exits with 1 unless fusion beats both the image and the text model on test accur
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,22 +28,13 @@ from typing import Any
 
 import torch
 
-from marketplace_reco.data.dataset import Marketplace, load_marketplace
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.sample import make_sample_marketplace
-from marketplace_reco.models import load_model
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.fusion import FusionClassifier, evaluate_fusion, train_fusion
-from marketplace_reco.models.hog_svm import train_hog_svm
-from marketplace_reco.models.image_classifier import ImageClassifier, evaluate_image_classifier, train_image_classifier
-from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
-from marketplace_reco.models.word2vec import train_word2vec_on_split
+from marketplace_reco.data import Marketplace, load_marketplace, make_sample_marketplace
+from marketplace_reco.models import FusionClassifier, HogSvmClassifier, ImageClassifier, TextCNN, load_model
 from marketplace_reco.settings import reports_dir
-from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
-from marketplace_reco.training.metrics import evaluate
-from marketplace_reco.training.runs import add_export_arguments, finish_run, load_export, split_summary
+from marketplace_reco.training import evaluate_model, fusion, hog_svm, image_classifier, text_cnn, word2vec
+from marketplace_reco.training.benchmarks import BenchmarkReport, add_export_arguments, load_export, markdown_table
+from marketplace_reco.training.runs import RUN_ERRORS, finish_run, split_summary
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
 COLUMNS = ("model", "configuration", "accuracy", "macro-F1", "train s", "test products")
 
 
@@ -55,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train HOG-SVM, image, text and fusion models on one product split (80/10/10, stratified) and "
                     "report held-out accuracy, macro-F1 and training seconds side by side.",
     )
-    source = add_export_arguments(parser, SHARED_DATA)
+    source = add_export_arguments(parser)
     source.add_argument("--sample", action="store_true",
                         help="generate the embedded synthetic sample into a temporary folder and use it instead")
     source.add_argument("--sample-products", type=int, default=390, help="products of --sample (default: %(default)s)")
@@ -102,13 +90,8 @@ def _row(name: str, configuration: str, metrics: dict[str, Any], seconds: float)
             str(metrics["n_samples"])]
 
 
-def _table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def _benchmark(args: argparse.Namespace, splits: dict[str, Marketplace]) -> tuple[list[list[str]], dict[str, float]]:
-    train, val, test = splits["train"], splits["val"], splits["test"]
+    train, test = splits["train"], splits["test"]
     rows: list[list[str]] = []
     accuracy: dict[str, float] = {}
     # What the training scripts record, so train_combined.py accepts saved branches for this split.
@@ -116,96 +99,82 @@ def _benchmark(args: argparse.Namespace, splits: dict[str, Marketplace]) -> tupl
 
     def save(model: Any, name: str, metrics: dict[str, Any], history: list[dict[str, float]] | None = None) -> None:
         if args.save_to is not None:
-            finish_run(model, args.save_to / name, metrics=metrics, data_summary=data_summary, history=history)
+            finish_run(model, args.save_to / name, metrics=metrics, data_summary=data_summary, history=history or [])
 
-    hog, seconds = _timed(train_hog_svm, splits, C_values=args.hog_C)
-    rows.append(_row("HOG-SVM", f"HOG on 128 px grey, linear SVM, C in {args.hog_C}", hog.metrics, seconds))
-    save(hog.model, "hog-svm", hog.metrics)
-    print(_table(rows), flush=True)
+    hog = HogSvmClassifier(train.classes)
+    result, seconds = _timed(hog_svm.train, hog, splits, hog_svm.HogSvmTrainConfig(C_values=args.hog_C))
+    metrics = {**evaluate_model(hog, test), **result.metrics}
+    rows.append(_row("HOG-SVM", f"HOG on 128 px grey, linear SVM, C in {args.hog_C}", metrics, seconds))
+    save(hog, "hog-svm", metrics)
+    print(markdown_table(COLUMNS, rows), flush=True)
 
     torch.manual_seed(args.seed)
     image = ImageClassifier(train.classes, backbone=args.image_backbone, trainable_layers="all",
                             preprocessing={"image_size": args.image_size}, pretrained=False)
-    result, seconds = _timed(train_image_classifier, image, train, val, epochs=args.image_epochs,
-                             batch_size=args.image_batch_size, learning_rate=args.image_lr,
-                             patience=args.image_epochs, augment=True, seed=args.seed)
-    metrics = evaluate_image_classifier(image, test)
+    config = image_classifier.ImageTrainConfig(epochs=args.image_epochs, batch_size=args.image_batch_size,
+                                               learning_rate=args.image_lr, patience=args.image_epochs, augment=True,
+                                               seed=args.seed)
+    result, seconds = _timed(image_classifier.train, image, splits, config)
+    metrics = evaluate_model(image, test)
     accuracy["image"] = metrics["accuracy"]
     save(image, "image-classifier", metrics, result.history)
     rows.append(_row("image", f"{args.image_backbone} from scratch, all layers, {args.image_size} px, augmented, "
                               f"{args.image_epochs} epochs", metrics, seconds))
-    print(_table(rows), flush=True)
+    print(markdown_table(COLUMNS, rows), flush=True)
 
     started = time.perf_counter()
-    embedding = train_word2vec_on_split(train, seed=args.seed)
+    embedding, _ = word2vec.train(splits, word2vec.Word2VecTrainConfig(seed=args.seed))
     torch.manual_seed(args.seed)
     text = TextCNN.from_word2vec(embedding, train.classes)
-    results = train_text_cnn(text, train.products["text"].tolist(), train.label_indices,
-                             val.products["text"].tolist(), val.label_indices, epochs=args.text_epochs, seed=args.seed)
+    result = text_cnn.train(text, splits, text_cnn.TextCNNTrainConfig(epochs=args.text_epochs, seed=args.seed))
     seconds = time.perf_counter() - started
     # The same products as the photo-based models: those with at least one photo.
     with_photos = test.subset(test.products.loc[test.products["image_ids"].map(len) > 0, "product_id"])
-    metrics = evaluate(with_photos.label_indices, text.predict_proba(texts=with_photos.products["text"].tolist()),
-                       text.classes, split="test")
+    metrics = evaluate_model(text, with_photos)
     accuracy["text"] = metrics["accuracy"]
-    save(text, "text-cnn", metrics, members_history(results))
+    save(text, "text-cnn", metrics, result.history)
     rows.append(_row("text", f"word2vec + text CNN, {args.text_epochs} epochs", metrics, seconds))
-    print(_table(rows), flush=True)
+    print(markdown_table(COLUMNS, rows), flush=True)
 
     if args.save_to is not None:  # from the saved checkpoints, so the fusion model records its branches' origin
         image, text = (load_model(str(args.save_to / name)) for name in ("image-classifier", "text-cnn"))
     torch.manual_seed(args.seed)
-    fusion = FusionClassifier.from_branches(image, text)
-    with FeatureCache() as cache:
-        result, seconds = _timed(train_fusion, fusion, train, val, epochs=args.fusion_epochs, cache=cache,
-                                 seed=args.seed)
-    metrics = evaluate_fusion(fusion, test)
+    combined = FusionClassifier.from_branches(image, text)
+    result, seconds = _timed(fusion.train, combined, splits,
+                             fusion.FusionTrainConfig(epochs=args.fusion_epochs, seed=args.seed))
+    metrics = evaluate_model(combined, test)
     accuracy["fusion"] = metrics["accuracy"]
-    save(fusion, "fusion", metrics, result.history)
+    save(combined, "fusion", metrics, result.history)
     rows.append(_row("fusion", "image + text features, frozen branches (cached), new head", metrics, seconds))
-    print(_table(rows), flush=True)
+    print(markdown_table(COLUMNS, rows), flush=True)
     return rows, accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
+    report = BenchmarkReport("All models on one split", args.report or reports_dir() / (
+        "bench_models_sample.md" if args.sample else "bench_models.md"), argv)
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         try:
             marketplace, described = _open(args, Path(tmp))
             splits = marketplace.split((0.8, 0.1, 0.1), seed=args.seed)
             rows, accuracy = _benchmark(args, splits)
-        except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
+        except RUN_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     beats = accuracy["fusion"] > max(accuracy["image"], accuracy["text"])
     verdict = (f"fusion {'beats' if beats else 'does NOT beat'} both single models: accuracy {accuracy['fusion']:.4f} "
                f"vs image {accuracy['image']:.4f} and text {accuracy['text']:.4f}")
     print(verdict)
-    report = args.report or reports_dir() / ("bench_models_sample.md" if args.sample else "bench_models.md")
-    report.parent.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/bench_models.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sizes = ", ".join(f"{name} {len(split.products)}" for name, split in splits.items())
-    report.write_text(
-        "# All models on one split\n\n"
-        f"{datetime.date.today().isoformat()}, `{command.strip()}`, {os.cpu_count()} CPU cores, "
-        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}; "
-        f"{(time.perf_counter() - started) / 60:.0f} minutes in all. Load average {load_before:.1f} before and "
-        f"{os.getloadavg()[0]:.1f} after: other work on the machine inflates the seconds.\n\n"
+    report.write(
         f"Data: {described}, split by product 80/10/10 (stratified, seed {args.seed}): {sizes} products. "
         "Accuracy and macro-F1 per held-out test product (photo models average a product's photos; fusion "
         "pairs each photo with the product's text). Train seconds include feature extraction and caching.\n\n"
-        f"{_table(rows)}\n\n**{verdict}**\n\n"
+        f"{markdown_table(COLUMNS, rows)}\n\n**{verdict}**\n\n"
         f"The image model is trained from scratch ({args.image_backbone}, {args.image_size} px, every layer trainable, "
-        f"random crops, flips and colour jitter, {args.image_epochs} epochs: its CPU budget, measured above): no "
-        "pretrained weights can be downloaded on these machines, and a ResNet-50 needs 3.7 times the "
-        "multiply-adds of a ResNet-10-T at 96 px (20 times at its own 224 px), so from scratch it would see a "
-        "fraction of the epochs in the same CPU time. With pretrained weights (the "
-        "default of scripts/train_image.py) the image model, and with it the fusion model, would be much stronger.\n",
-        encoding="utf-8",
+        f"random crops, flips and colour jitter, {args.image_epochs} epochs: its CPU budget, measured above)."
     )
-    print(f"report: {report}")
     return 0 if beats else 1
 
 

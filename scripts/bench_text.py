@@ -16,10 +16,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,17 +27,20 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
-from marketplace_reco.data.dataset import Marketplace
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.text import TextPreprocessor
-from marketplace_reco.models.text_cnn import TextCNN, train_text_cnn
-from marketplace_reco.models.word2vec import Word2VecEmbedding, train_word2vec, train_word2vec_on_split
+from marketplace_reco.data import DataError, Marketplace, TextPreprocessor
+from marketplace_reco.models import TextCNN, Word2VecEmbedding
 from marketplace_reco.settings import reports_dir
+from marketplace_reco.training import text_cnn, word2vec
+from marketplace_reco.training.benchmarks import (
+    BenchmarkReport,
+    ResultJournal,
+    add_export_arguments,
+    load_export,
+    markdown_table,
+)
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
-from marketplace_reco.training.runs import add_export_arguments, default_arguments, load_export
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("tfidf-svm", "tfidf-svm-plain", "cnn-fine-tuned", "cnn-frozen")
 TFIDF_ROWS = ("tfidf-svm", "tfidf-svm-plain")
 
@@ -50,14 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Train TF-IDF + LinearSVC and word2vec + text CNN (frozen and fine-tuned embedding) on the same "
                     "product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
     )
-    add_export_arguments(parser, REPO_ROOT.parent / "shared" / "marketplace")
+    add_export_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one product split (and training seed) per value (default: 0 1 2)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default: %(default)s)")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="held-out test share (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="models to run (default: all)")
     parser.add_argument("--label-interval", type=int,
-                        default=default_arguments(train_word2vec)["label_interval"],
+                        default=word2vec.Word2VecTrainConfig.label_interval,
                         help="word2vec reads each training text's class as a pseudo-word every N tokens; 0: plain "
                              "word2vec (default: %(default)s, the library's)")
     parser.add_argument("--ensemble-sizes", type=int, nargs="+", default=[1, 3, 5],
@@ -72,43 +72,6 @@ def _parser() -> argparse.ArgumentParser:
                              "starting it afresh; only the missing ones are trained (results of the same code: after "
                              "changing a model, run without --resume)")
     return parser
-
-
-class _Journal:
-    """Results as JSON lines, one per (seed, model), appended as soon as they are known.
-
-    A result is reused only for the same data source, split fractions, CNN ensemble sizes and word2vec label
-    interval, so a journal
-    never mixes runs that are not comparable.
-    """
-
-    def __init__(self, path: Path, setup: dict[str, object], resume: bool) -> None:
-        self.path = path
-        self.setup = setup
-        #: (seed, row) -> the scores of each model that row produced.
-        self.results: dict[tuple[int, str], dict[str, dict[str, float]]] = {}
-        if resume and path.exists():
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {number}: not a JSON result ({exc}); remove the line") from exc
-                if entry.get("setup") == setup:
-                    self.results.setdefault((entry["seed"], entry["row"]), {})[entry["model"]] = entry["scores"]
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("", encoding="utf-8")
-
-    def get(self, seed: int, row: str) -> dict[str, dict[str, float]] | None:
-        """The journal's scores of ``row`` on ``seed`` by model name, or None when they are not there."""
-        return self.results.get((seed, row))
-
-    def add(self, seed: int, row: str, scored: dict[str, dict[str, float]]) -> None:
-        # One write for a row's results, so a run stopped here leaves all of them or none.
-        lines = "".join(json.dumps({"seed": seed, "row": row, "model": model, "scores": scores, "setup": self.setup})
-                        + "\n" for model, scores in scored.items())
-        with self.path.open("a", encoding="utf-8") as journal:
-            journal.write(lines)
 
 
 def _tfidf_svm(splits: dict[str, Marketplace], seed: int, plain: bool) -> tuple[np.ndarray, float]:
@@ -133,8 +96,7 @@ def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbe
     started = time.perf_counter()
     model = TextCNN.from_word2vec(embedding, splits["train"].classes, fine_tune_embedding=fine_tune,
                                   ensemble_size=ensemble_size)
-    train_text_cnn(model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
-                   splits["val"].products["text"].tolist(), splits["val"].label_indices, seed=seed)
+    text_cnn.train(model, splits, text_cnn.TextCNNTrainConfig(seed=seed))
     seconds = time.perf_counter() - started
     return model.predict_member_proba(splits["test"].products["text"].tolist()), seconds
 
@@ -161,25 +123,18 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
-def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, source: str,
-            sizes: dict[str, int], journal: Path, reused_runs: int) -> str:
+def _report_body(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, source: str,
+                 sizes: dict[str, int], journal: Path, reused_runs: int) -> str:
     header = ["model", "accuracy", "macro-F1", "train s", "accuracy per seed"]
     rows = [[name, _mean_std([r["accuracy"] for r in runs], 4), _mean_std([r["macro_f1"] for r in runs], 4),
              _mean_std([r["seconds"] for r in runs], 1), " ".join(f"{r['accuracy']:.4f}" for r in runs)]
             for name, runs in results.items()]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    table = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-             for row in [header, *rows]]
-    table.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return "\n".join([
-        "# Text models on the real listings",
-        "",
         f"Data: {source}; products per split {sizes}; split by product, stratified on the root category; "
         f"seeds {' '.join(map(str, args.seeds))} (one split and one training seed each). "
         "Accuracy and macro-F1 on each seed's held-out test products, mean ± standard deviation over seeds.",
         "",
-        *table,
+        markdown_table(header, rows),
         "",
         "- `tfidf-svm`: word 1-2-gram TF-IDF with sublinear tf over the same tokens (TextPreprocessor defaults), "
         "LinearSVC C=1 (reference). `tfidf-svm-plain`: scikit-learn's defaults (unigram TF-IDF of the raw "
@@ -195,15 +150,8 @@ def _report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace
         f"- `k members`: the first k of the {max(args.ensemble_sizes)} trained members, exactly what "
         "`--ensemble-size k` trains; `1 member` is the mean of the members scored alone. `train s` is word2vec "
         "plus k members' share of the CNN time.",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} thread(s); 1-minute load average at the end {load:.1f}. The cores are "
-        "shared with other work, so the times are pessimistic.",
-        "",
-        f"Command: `python scripts/bench_text.py {' '.join(sys.argv[1:])}`"
-        + (f"; {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the journal "
-           f"{journal.name} (`--resume`), their times from the run that made them." if reused_runs else ""),
-        "",
+        *([f"- {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the "
+           f"journal {journal.name} (`--resume`), their times from the run that made them."] if reused_runs else []),
     ])
 
 
@@ -212,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()  # one process; sets torch's threads from the cores (or OMP_NUM_THREADS)
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
-    output = args.output or reports_dir() / "bench_text.md"
+    report = BenchmarkReport("Text models on the real listings", args.output or reports_dir() / "bench_text.md", argv)
     try:
         marketplace, source = load_export(args)
-        journal = _Journal(output.with_suffix(".jsonl"), {"data": source, "fractions": list(fractions),
-                                                          "ensemble_sizes": sorted(args.ensemble_sizes),
-                                                          "label_interval": args.label_interval}, args.resume)
+        journal = ResultJournal(report.path.with_suffix(".jsonl"),
+                                {"data": source, "fractions": list(fractions),
+                                 "ensemble_sizes": sorted(args.ensemble_sizes), "label_interval": args.label_interval},
+                                args.resume)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -239,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows
                     started = time.perf_counter()
-                    embedding = train_word2vec_on_split(splits["train"], seed=seed,
-                                                        label_interval=args.label_interval)
+                    embedding, _ = word2vec.train(splits, word2vec.Word2VecTrainConfig(
+                        seed=seed, label_interval=args.label_interval))
                     word2vec_s = time.perf_counter() - started
                 member_scores, seconds = _text_cnn(splits, seed, embedding, fine_tune=name == "cnn-fine-tuned",
                                                    ensemble_size=max(args.ensemble_sizes))
@@ -254,10 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(row_name, []).append(row)
                 print(f"seed {seed} {row_name}: accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
                       f"{row['seconds']:.1f}s{' (from the journal)' if reused is not None else ''}", flush=True)
-    report = _report(results, args, source, sizes, journal.path, reused_runs)
-    output.write_text(report, encoding="utf-8")
-    print(report)
-    print(f"report: {output}")
+    body = _report_body(results, args, source, sizes, journal.path, reused_runs)
+    print(body)
+    report.write(body)
     return 0
 
 

@@ -16,9 +16,6 @@ and the ratio of the mean epoch times, writes reports/bench_training.md and exit
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marketplace_reco.data.dataset import Marketplace
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.image_classifier import DEFAULT_TRAINABLE_LAYERS, ImageClassifier, train_image_classifier
+from marketplace_reco.data import Marketplace
+from marketplace_reco.models import ImageClassifier
+from marketplace_reco.models.image_classifier import DEFAULT_TRAINABLE_LAYERS
 from marketplace_reco.settings import reports_dir
-from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
-from marketplace_reco.training.runs import add_export_arguments, load_export
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "marketplace"
+from marketplace_reco.training import FeatureCache, image_classifier
+from marketplace_reco.training.benchmarks import BenchmarkReport, add_export_arguments, load_export, markdown_table
+from marketplace_reco.training.runs import RUN_ERRORS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Seconds per training epoch of the same image model with and without the frozen-trunk "
                     "feature cache, on a subset of the real photos; prints the ratio.",
     )
-    add_export_arguments(parser, SHARED_DATA)
+    add_export_arguments(parser)
     parser.add_argument("--photos", type=int, default=512, help="training photos (default: %(default)s)")
     parser.add_argument("--val-photos", type=int, default=64, help="validation photos (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default: %(default)s)")
@@ -73,9 +68,10 @@ def _run(args: argparse.Namespace, train: Marketplace, val: Marketplace, use_cac
     model = ImageClassifier(train.classes, backbone=args.backbone, trainable_layers=args.trainable_layers,
                             preprocessing={"image_size": args.image_size}, pretrained=False)
     started = time.perf_counter()
+    config = image_classifier.ImageTrainConfig(epochs=args.epochs, batch_size=args.batch_size, patience=args.epochs,
+                                               cache=use_cache, seed=args.seed)
     with FeatureCache() as cache:
-        result = train_image_classifier(model, train, val, epochs=args.epochs, batch_size=args.batch_size,
-                                        patience=args.epochs, use_cache=use_cache, cache=cache, seed=args.seed)
+        result = image_classifier.train(model, {"train": train, "val": val}, config, cache=cache)
         cached_mb = (cache.nbytes_in_memory + cache.nbytes_on_disk) / 2**20
     total = time.perf_counter() - started
     epochs = [row["seconds"] for row in result.history]
@@ -85,48 +81,37 @@ def _run(args: argparse.Namespace, train: Marketplace, val: Marketplace, use_cac
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    load_before = os.getloadavg()[0]
+    report = BenchmarkReport("Image training: feature cache benchmark",
+                             args.report or reports_dir() / "bench_training.md", argv)
     try:
         splits = load_export(args)[0].split((0.8, 0.1, 0.1), seed=args.seed)
         train = _photo_subset(splits["train"], args.photos, args.seed)
         val = _photo_subset(splits["val"], args.val_photos, args.seed)
         uncached = _run(args, train, val, use_cache=False)
         cached = _run(args, train, val, use_cache=True)
-    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
+    except RUN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     ratio = uncached["epoch"] / cached["epoch"]
     n_train = int(train.products["image_ids"].map(len).sum())
     n_val = int(val.products["image_ids"].map(len).sum())
-    table = "\n".join([
-        "| run | setup s | first epoch s | mean epoch s | final val loss | cached MB |",
-        "|---|---|---|---|---|---|",
-        f"| without cache (decode photos) | {uncached['setup']:.1f} | {uncached['first']:.1f} "
-        f"| {uncached['epoch']:.1f} | {uncached['val_loss']:.4f} | - |",
-        f"| with cache (frozen trunk once per photo) | {cached['setup']:.1f} | {cached['first']:.1f} "
-        f"| {cached['epoch']:.1f} | {cached['val_loss']:.4f} | {cached['cache_mb']:.0f} |",
-    ])
+    table = markdown_table(
+        ["run", "setup s", "first epoch s", "mean epoch s", "final val loss", "cached MB"],
+        [["without cache (decode photos)", f"{uncached['setup']:.1f}", f"{uncached['first']:.1f}",
+          f"{uncached['epoch']:.1f}", f"{uncached['val_loss']:.4f}", "-"],
+         ["with cache (frozen trunk once per photo)", f"{cached['setup']:.1f}", f"{cached['first']:.1f}",
+          f"{cached['epoch']:.1f}", f"{cached['val_loss']:.4f}", f"{cached['cache_mb']:.0f}"]])
     verdict = f"seconds per epoch, without / with cache: {ratio:.1f}x (bar: {args.min_ratio:g}x)"
     print(table)
     print(verdict)
-    report = args.report or reports_dir() / "bench_training.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/bench_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report.write_text(
-        "# Image training: feature cache benchmark\n\n"
-        f"{datetime.date.today().isoformat()}, `{command.strip()}`, {os.cpu_count()} CPU cores, "
-        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}. "
-        f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after: other work on the machine "
-        "slows both runs, so absolute seconds are pessimistic.\n\n"
+    report.write(
         f"Model: {args.backbone} (random weights), trainable layers {args.trainable_layers}, {args.image_size} px, "
         f"batch {args.batch_size}, {args.epochs} epochs per run from the same initial weights. Data: {n_train} "
         f"training and {n_val} validation photos of the real export (products of a split by product, seed "
         f"{args.seed}). Setup is decoding the photos (without cache) or decoding them and running the frozen "
         "trunk once per photo (with cache); an epoch is training plus validation.\n\n"
-        f"{table}\n\n**{verdict}**\n",
-        encoding="utf-8",
+        f"{table}\n\n**{verdict}**"
     )
-    print(f"report: {report}")
     return 0 if ratio >= args.min_ratio else 1
 
 

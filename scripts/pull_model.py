@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.hub import DEFAULT_REVISION, pull_checkpoint
+from marketplace_reco.models import DEFAULT_REVISION, CheckpointError, pull_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.hub import push_checkpoint, resolve_checkpoint
+from marketplace_reco.models import CheckpointError, push_checkpoint, resolve_checkpoint
 
 _TARGETS = (
     "Checkpoint references: s3://bucket/prefix/name (S3, configured by the AWS_* environment); file://path, an "

@@ -15,28 +15,21 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
 
-import torch
-
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.fusion import BRANCHES, FusionClassifier, evaluate_fusion, train_fusion
-from marketplace_reco.models.image_classifier import ImageClassifier
-from marketplace_reco.models.text_cnn import TextCNN
-from marketplace_reco.training.distributed import init_distributed
-from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
+from marketplace_reco.data import Marketplace
+from marketplace_reco.models import FusionClassifier, ImageClassifier, TextCNN
+from marketplace_reco.models.fusion import BRANCHES
+from marketplace_reco.training import TrainResult, fusion
+from marketplace_reco.training.distributed import DistributedContext
 from marketplace_reco.training.runs import (
+    add_config_arguments,
     add_data_arguments,
     add_output_arguments,
-    add_training_arguments,
+    check_same_split,
+    config_from_arguments,
     default_arguments,
-    finish_run,
-    load_splits,
-    output_folder,
-    split_summary,
+    run_training,
 )
 
 _MODEL = default_arguments(FusionClassifier.__init__)
@@ -71,55 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--modality-dropout", type=float, default=_MODEL["modality_dropout"],
                        help="share of training samples whose image features are hidden, and the same share whose "
                             "text features are hidden (default: %(default)s)")
-    group = add_training_arguments(parser, train_fusion, samples="photo+text samples",
-                                   stops_without="a lower validation loss")
+    add_config_arguments(parser, fusion.FusionTrainConfig, "training")
     return parser
-
-
-def _check_same_split(model: ImageClassifier | TextCNN, kind: str, summary: dict) -> None:
-    """Refuse a branch trained on another split: its training products could be this run's test products."""
-    recorded = {key: model.data_summary.get(key) for key in ("seed", "sizes")}
-    if recorded != {key: summary[key] for key in ("seed", "sizes")}:
-        raise CheckpointError(
-            f"the {kind} model {model.source.get('folder', '')} was trained on another split (seed "
-            f"{recorded['seed']}, sizes {recorded['sizes']}) than this run (seed {summary['seed']}, sizes "
-            f"{summary['sizes']}); train it with the same data and split arguments"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    context = init_distributed()
-    try:
-        splits = load_splits(args)
-        data_summary = split_summary(splits, args.seed)
+    config = config_from_arguments(fusion.FusionTrainConfig, args)
+
+    def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[FusionClassifier, TrainResult]:
         image_model = ImageClassifier.from_pretrained(args.image_model, revision=args.image_revision)
         text_model = TextCNN.from_pretrained(args.text_model, revision=args.text_revision)
-        _check_same_split(image_model, "image", data_summary)
-        _check_same_split(text_model, "text", data_summary)
-        torch.manual_seed(args.seed)
+        check_same_split(image_model, splits, "image model")
+        check_same_split(text_model, splits, "text model")
         model = FusionClassifier.from_branches(image_model, text_model, unfrozen=args.unfreeze, dropout=args.dropout,
                                                modality_dropout=args.modality_dropout)
-        started = time.perf_counter()
-        with FeatureCache() as cache:
-            result = train_fusion(model, splits["train"], splits["val"], epochs=args.epochs,
-                                  batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-                                  patience=args.patience, cache=cache, seed=args.seed, context=context)
-        training_s = time.perf_counter() - started
-        if context.is_main:
-            metrics = evaluate_fusion(model, splits["test"], "test")
-            metrics.update(best_epoch=result.best_epoch,
-                           validation_loss=result.history[result.best_epoch - 1]["val_loss"],
-                           training_s=round(training_s, 1), processes=context.world_size)
-            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
-                       history=result.history, push_to=args.push_to, revision=args.revision)
-    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        context.close()
-    return 0
+        return model, fusion.train(model, splits, config, context)
+
+    return run_training(args, fit)
 
 
 if __name__ == "__main__":

@@ -15,27 +15,20 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.image_classifier import ImageClassifier, evaluate_image_classifier, train_image_classifier
-from marketplace_reco.training.distributed import init_distributed
-from marketplace_reco.training.feature_cache import DEFAULT_MEMORY_BUDGET, FeatureCache, FeatureCacheError
+from marketplace_reco.data import Marketplace
+from marketplace_reco.models import ImageClassifier
+from marketplace_reco.training import TrainResult, image_classifier
+from marketplace_reco.training.distributed import DistributedContext
 from marketplace_reco.training.runs import (
+    add_config_arguments,
     add_data_arguments,
     add_output_arguments,
-    add_training_arguments,
+    config_from_arguments,
     default_arguments,
-    finish_run,
-    load_splits,
-    output_folder,
-    split_summary,
+    run_training,
 )
 
 _MODEL = default_arguments(ImageClassifier.__init__)
@@ -81,58 +74,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="width of the feature layer reused by the fusion model (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=_MODEL["dropout"],
                        help="dropout before the head (default: %(default)s)")
-    group = add_training_arguments(parser, train_image_classifier, samples="photos",
-                                   stops_without="a lower validation loss")
-    group.add_argument("--augment", action="store_true",
-                       help="random crops, flips and colour jitter each epoch (the whole network then runs every "
-                            "epoch: no feature cache)")
-    group.add_argument("--no-cache", action="store_true",
-                       help="do not cache the frozen trunk's outputs even without --augment (for timing comparisons)")
-    group.add_argument("--cache-memory-gb", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30,
-                       help="memory for cached trunk outputs per process; the rest spills to disk under "
-                            ".cache/features (default: %(default)s)")
+    add_config_arguments(parser, image_classifier.ImageTrainConfig, "training")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    context = init_distributed()
-    try:
-        splits = load_splits(args)
-        torch.manual_seed(args.seed)
+    config = config_from_arguments(image_classifier.ImageTrainConfig, args)
+
+    def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[ImageClassifier, TrainResult]:
         model = ImageClassifier(
             splits["train"].classes, backbone=args.backbone, trainable_layers=args.trainable_layers,
             feature_dim=args.feature_dim, dropout=args.dropout,
             preprocessing={"image_size": args.image_size} if args.image_size else None,
             pretrained=str(args.weights) if args.weights else not args.no_pretrained,
         )
-        started = time.perf_counter()
-        with FeatureCache(memory_budget_bytes=int(args.cache_memory_gb * 2**30)) as cache:
-            result = train_image_classifier(
-                model, splits["train"], splits["val"], epochs=args.epochs, batch_size=args.batch_size,
-                learning_rate=args.lr, weight_decay=args.weight_decay, patience=args.patience, augment=args.augment,
-                use_cache=not args.no_cache, cache=cache, seed=args.seed, context=context,
-            )
-        training_s = time.perf_counter() - started
-        if context.is_main:
-            metrics = evaluate_image_classifier(model, splits["test"], "test")
-            metrics.update(
-                best_epoch=result.best_epoch,
-                validation_loss=result.history[result.best_epoch - 1]["val_loss"],
-                training_s=round(training_s, 1),
-                processes=context.world_size,
-                feature_cache=not (args.augment or args.no_cache),
-            )
-            data_summary = split_summary(splits, args.seed)
-            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=data_summary,
-                       history=result.history, push_to=args.push_to, revision=args.revision)
-    except (DataError, CheckpointError, FeatureCacheError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        context.close()
-    return 0
+        return model, image_classifier.train(model, splits, config, context)
+
+    return run_training(args, fit)
 
 
 if __name__ == "__main__":

@@ -14,34 +14,23 @@ Runs unchanged under torchrun (data-parallel; only rank 0 writes):
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from marketplace_reco.data.dataset import Marketplace
-from marketplace_reco.data.errors import DataError
-from marketplace_reco.models.errors import CheckpointError
-from marketplace_reco.models.text_cnn import TextCNN, members_history, train_text_cnn
-from marketplace_reco.models.word2vec import (
-    Word2VecEmbedding,
-    check_training_split,
-    plot_embedding_2d,
-    train_word2vec_on_split,
-)
+from marketplace_reco.data import Marketplace
+from marketplace_reco.models import TextCNN, Word2VecEmbedding
 from marketplace_reco.settings import checkpoints_dir
-from marketplace_reco.training.distributed import DistributedContext, init_distributed
-from marketplace_reco.training.metrics import evaluate
+from marketplace_reco.training import TrainResult, text_cnn, word2vec
+from marketplace_reco.training.distributed import DistributedContext
 from marketplace_reco.training.runs import (
+    add_config_arguments,
     add_data_arguments,
     add_output_arguments,
-    add_training_arguments,
+    check_same_split,
+    config_from_arguments,
     default_arguments,
     finish_run,
-    load_splits,
-    output_folder,
+    run_training,
     split_summary,
 )
 
@@ -82,82 +71,43 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--ensemble-size", type=int, default=_MODEL["ensemble_size"],
                        help="members trained with seeds seed, seed+1, ...; the model averages their probabilities "
                             "(default: %(default)s)")
-    group = add_training_arguments(parser, train_text_cnn, samples="texts",
-                                   stops_without="a better validation accuracy (per member)")
-    group.add_argument("--label-smoothing", type=float, default=default_arguments(train_text_cnn)["label_smoothing"],
-                       help="share of each target spread over the other classes (default: %(default)s)")
-    group.add_argument("--adversarial-epsilon", type=float,
-                       default=default_arguments(train_text_cnn)["adversarial_epsilon"],
-                       help="adversarial training: each text's word vectors are also moved this share of their norm "
-                            "in the direction that raises the loss most; 0 turns it off and halves the training "
-                            "time (default: %(default)s)")
+    add_config_arguments(parser, text_cnn.TextCNNTrainConfig, "training")
     return parser
 
 
-def _word2vec(
-    args: argparse.Namespace, splits: dict[str, Marketplace], context: DistributedContext
-) -> Word2VecEmbedding:
+def _word2vec(args: argparse.Namespace, splits: dict[str, Marketplace], context: DistributedContext
+              ) -> Word2VecEmbedding:
     """Load the embedding by name; with --train-word2vec rank 0 trains and saves it first while the others wait."""
     if args.train_word2vec:
         if context.is_main:
-            embedding = train_word2vec_on_split(splits["train"], seed=args.seed)
+            embedding, result = word2vec.train(splits, word2vec.Word2VecTrainConfig(seed=args.seed))
             # A bare name goes to the checkpoints folder, as scripts/train_word2vec.py --name does.
             folder = Path(args.word2vec)
             if folder.parent == Path("."):
                 folder = checkpoints_dir() / args.word2vec
-            plot_embedding_2d(embedding, folder / "embedding_2d.png", seed=args.seed)
-            finish_run(embedding, folder, metrics=embedding.metrics, data_summary=embedding.data_summary)
+            finish_run(embedding, folder, metrics=result.metrics,
+                       data_summary={**embedding.data_summary, **split_summary(splits, args.seed)},
+                       figures=result.figures)
         context.barrier()
     embedding = Word2VecEmbedding.from_pretrained(args.word2vec)
-    check_training_split(embedding, splits["train"].products["product_id"])
-    return embedding  # type: ignore[return-value]
+    check_same_split(embedding, splits, "word2vec embedding")
+    return embedding
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    context = init_distributed()
-    try:
-        splits = load_splits(args)
+    config = config_from_arguments(text_cnn.TextCNNTrainConfig, args)
+
+    def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[TextCNN, TrainResult]:
         embedding = _word2vec(args, splits, context)
-        torch.manual_seed(args.seed)
         model = TextCNN.from_word2vec(
             embedding, splits["train"].classes, max_length=args.max_length, kernel_sizes=args.kernel_sizes,
             num_filters=args.num_filters, feature_dim=args.feature_dim, dropout=args.dropout,
             fine_tune_embedding=args.fine_tune_embedding, ensemble_size=args.ensemble_size,
         )
-        started = time.perf_counter()
-        results = train_text_cnn(
-            model, splits["train"].products["text"].tolist(), splits["train"].label_indices,
-            splits["val"].products["text"].tolist(), splits["val"].label_indices,
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-            patience=args.patience, label_smoothing=args.label_smoothing,
-            adversarial_epsilon=args.adversarial_epsilon, seed=args.seed, context=context,
-        )
-        training_s = time.perf_counter() - started
-        if context.is_main:
-            test = splits["test"]
-            texts = test.products["text"].tolist()
-            metrics = evaluate(test.label_indices, model.predict_proba(texts=texts), model.classes, split="test")
-            val = splits["val"]
-            val_proba = model.predict_proba(texts=val.products["text"].tolist())
-            metrics.update(
-                best_epochs=[result.best_epoch for result in results],
-                member_validation_accuracy=[result.history[result.best_epoch - 1]["val_accuracy"]
-                                            for result in results],
-                validation_accuracy=float((val_proba.argmax(axis=1) == val.label_indices).mean()),
-                texts_without_known_word=int((model.known_token_counts(texts) == 0).sum()),
-                training_s=round(training_s, 1),
-                processes=context.world_size,
-            )
-            finish_run(model.cpu(), output_folder(args), metrics=metrics, data_summary=split_summary(splits, args.seed),
-                       history=members_history(results), push_to=args.push_to, revision=args.revision)
-    except (DataError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        context.close()
-    return 0
+        return model, text_cnn.train(model, splits, config, context)
+
+    return run_training(args, fit)
 
 
 if __name__ == "__main__":

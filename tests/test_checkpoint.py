@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from marketplace_reco.models import (
+    FORMAT_VERSION,
     CheckpointError,
     CheckpointMixin,
     CheckpointNotFoundError,
@@ -23,7 +24,6 @@ from marketplace_reco.models import (
     load_model,
     register_model,
 )
-from marketplace_reco.models.checkpoint import FORMAT_VERSION
 
 
 @register_model("test-affine")
@@ -71,13 +71,16 @@ def saved(tmp_path: Path) -> Path:
     model.bias = np.array([0.5, -1.0, 2.0], dtype=np.float32)
     model.metrics = METRICS
     model.data_summary = {"products": 60, "images": 90}
-    return model.save_pretrained(tmp_path / "affine")
+    model.save_pretrained(tmp_path / "affine")
+    return tmp_path / "affine"
 
 
 def _rewrite_weights(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a well-formed weights file (valid per-array sha256 header) with other arrays."""
+    """Write a well-formed weights file (valid checksums of every array and of config.json) with other arrays."""
     checksums = {key: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for key, v in arrays.items()}
-    save_file(arrays, str(path), metadata={"format": "np", "sha256": json.dumps(checksums)})
+    files = {"config.json": hashlib.sha256((path.parent / "config.json").read_bytes()).hexdigest()}
+    save_file(arrays, str(path), metadata={"format": "np", "sha256": json.dumps(checksums),
+                                           "files_sha256": json.dumps(files)})
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -109,7 +112,8 @@ def test_round_trip_keeps_arrays_config_and_metrics(saved: Path) -> None:
 
 def test_torch_model_round_trip(tmp_path: Path) -> None:
     model = TorchLinear(CLASSES, n_inputs=4)
-    folder = model.save_pretrained(tmp_path / "linear")
+    folder = tmp_path / "linear"
+    model.save_pretrained(folder)
     loaded = load_model(str(folder))
     assert isinstance(loaded, TorchLinear) and not loaded.training
     torch.testing.assert_close(loaded.linear.weight, model.linear.weight, rtol=0, atol=0)
@@ -231,3 +235,41 @@ def test_resave_rewrites_the_card(saved: Path) -> None:
     model.metrics = {**METRICS, "accuracy": 0.5}
     model.save_pretrained(saved)
     assert "| accuracy | 0.5000 |" in (saved / "README.md").read_text()
+
+
+def test_an_edited_config_is_refused_even_when_it_still_fits(saved: Path) -> None:
+    _edit_config(saved, classes=["bikes", "chairs", "lampshades"])  # same shapes: only the checksum can tell
+    with pytest.raises(CheckpointError, match=r"config\.json: does not match the sha256 recorded in model\.safetensors"):
+        load_model(str(saved))
+
+
+def test_non_finite_weights_are_refused_with_the_tensor_name(saved: Path) -> None:
+    arrays = _read_weights(saved / "model.safetensors")
+    arrays["weights"][1, 2] = np.nan
+    _rewrite_weights(saved / "model.safetensors", arrays)  # checksums recomputed: only the values are wrong
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: key 'weights' holds 1 non-finite value"):
+        load_model(str(saved))
+
+
+def test_files_that_are_not_part_of_the_format_are_reported(saved: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (saved / "model.pkl").write_bytes(b"\x80\x04N.")
+    (saved / "notes.bin.exe").write_bytes(b"?")
+    (saved / "confusion_matrix.png").write_bytes(b"png")  # what a training run writes: documentation
+    with caplog.at_level("WARNING", logger="marketplace_reco.models._checkpoint"):
+        model = load_model(str(saved))
+    assert isinstance(model, Affine)
+    assert "model.pkl: pickle-type file(s) are never loaded" in caplog.text
+    assert "not part of the checkpoint format and are ignored: notes.bin.exe" in caplog.text
+    assert "confusion_matrix.png" not in caplog.text
+
+
+def test_a_format_1_checkpoint_loads_with_a_warning(saved: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints saved before config.json was checksummed still load; the warning says how to protect them."""
+    arrays = _read_weights(saved / "model.safetensors")
+    checksums = {key: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for key, v in arrays.items()}
+    save_file(arrays, str(saved / "model.safetensors"), metadata={"format": "np", "sha256": json.dumps(checksums)})
+    _edit_config(saved, format_version=1)
+    with caplog.at_level("WARNING", logger="marketplace_reco.models._checkpoint"):
+        model = load_model(str(saved))
+    np.testing.assert_array_equal(model.bias, [0.5, -1.0, 2.0])
+    assert "format version 1 records no checksum of config.json" in caplog.text

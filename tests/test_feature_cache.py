@@ -10,6 +10,7 @@ import torch
 
 from marketplace_reco.models.image_classifier import ImageClassifier
 from marketplace_reco.training.feature_cache import FeatureCache, FeatureCacheError
+from marketplace_reco.training.image_classifier import trunk_fingerprint
 
 
 def _arrays(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -94,7 +95,7 @@ def test_cached_trunk_outputs_give_the_uncached_features(tmp_path: Path, memory_
         return [t.numpy() for t in model.frozen_trunk(x[rows])]
 
     with FeatureCache(memory_budget_bytes=memory_budget, spill_dir=tmp_path) as cache, torch.no_grad():
-        fingerprint = model.trunk_fingerprint()
+        fingerprint = trunk_fingerprint(model)
         cache.fill(fingerprint, ids, compute, batch_size=2)
         cached = [torch.from_numpy(a).float() for a in cache.get(fingerprint, ids)]
         from_cache = model.features_from_trunk(*cached)
@@ -107,11 +108,11 @@ def test_cached_trunk_outputs_give_the_uncached_features(tmp_path: Path, memory_
 def test_trunk_fingerprint_follows_frozen_weights_only() -> None:
     torch.manual_seed(0)
     model = ImageClassifier(["a", "b"], backbone="test_resnet", preprocessing={"image_size": 32})
-    before = model.trunk_fingerprint()
+    before = trunk_fingerprint(model)
     with torch.no_grad():
         model.head[1].weight.add_(1.0)
         model.backbone.get_parameter(model.trainable_layer_names[-1] + ".weight").add_(1.0)
-    assert model.trunk_fingerprint() == before
+    assert trunk_fingerprint(model) == before
     with torch.no_grad():
         model.backbone.conv1[0].weight.add_(1.0)
-    assert model.trunk_fingerprint() != before
+    assert trunk_fingerprint(model) != before

@@ -15,12 +15,13 @@ import torch
 
 from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.models import ModelConfigError, load_model
-from marketplace_reco.models.fusion import FusionClassifier, _FromParts, _fusion_batches, evaluate_fusion, train_fusion
+from marketplace_reco.models.fusion import FusionClassifier
 from marketplace_reco.models.image_classifier import ImageClassifier
 from marketplace_reco.models.text_cnn import TextCNN
-from marketplace_reco.models.word2vec import train_word2vec_on_split
-from marketplace_reco.training.feature_cache import FeatureCache
+from marketplace_reco.training import FeatureCache, evaluate_model
+from marketplace_reco.training.fusion import FusionTrainConfig, _FromParts, _fusion_batches, train
 from marketplace_reco.training.image_data import SplitPhotos
+from marketplace_reco.training.word2vec import train_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +38,13 @@ def branch_folders(splits: dict[str, Marketplace], tmp_path_factory: pytest.Temp
     torch.manual_seed(0)
     classes = splits["train"].classes
     image = ImageClassifier(classes, backbone="test_resnet", preprocessing={"image_size": 32}, feature_dim=16)
-    embedding = train_word2vec_on_split(splits["train"], dim=16, epochs=2, min_count=1, workers=1, progress=False)
+    embedding = train_vectors(splits["train"].products["text"].tolist(), dim=16, epochs=2, min_count=1, workers=1,
+                              progress=False)
     text = TextCNN.from_word2vec(embedding, classes, kernel_sizes=[1, 2], num_filters=8, feature_dim=12, max_length=32,
                                  ensemble_size=2)
-    return {"image": image.save_pretrained(folder / "image-branch"),
-            "text": text.save_pretrained(folder / "text-branch")}
+    image.save_pretrained(folder / "image-branch")
+    text.save_pretrained(folder / "text-branch")
+    return {"image": folder / "image-branch", "text": folder / "text-branch"}
 
 
 def _branches(branch_folders: dict[str, Path]) -> tuple[ImageClassifier, TextCNN]:
@@ -68,7 +71,7 @@ def test_frozen_branches_stay_unchanged_and_are_cached(splits: dict[str, Marketp
     image_before, text_before = _snapshot(model.image_branch), _snapshot(model.text_branch)
     head_before = _snapshot(model.head)
     with FeatureCache(spill_dir=tmp_path) as cache:
-        result = train_fusion(model, splits["train"], splits["val"], epochs=2, patience=2, cache=cache)
+        result = train(model, splits, FusionTrainConfig(epochs=2, patience=2), cache=cache)
         n_photos = len(SplitPhotos.from_split(splits["train"], "train").image_ids)
         n_products = len(splits["train"].products)
         # One image-feature vector per photo and one text-feature vector per product, for both splits.
@@ -77,7 +80,7 @@ def test_frozen_branches_stay_unchanged_and_are_cached(splits: dict[str, Marketp
     assert not _changed(image_before, model.image_branch)
     assert not _changed(text_before, model.text_branch)
     assert _changed(head_before, model.head) == {"1.weight", "1.bias"}
-    metrics = evaluate_fusion(model, splits["test"])
+    metrics = evaluate_model(model, splits["test"])
     assert metrics["unit"] == "products" and metrics["n_samples"] == len(splits["test"].products)
 
 
@@ -86,7 +89,7 @@ def test_unfrozen_branches_are_fine_tuned(splits: dict[str, Marketplace], branch
     model = _fusion(branch_folders, unfrozen=["image", "text"])
     image_before, text_before = _snapshot(model.image_branch), _snapshot(model.text_branch)
     with FeatureCache(spill_dir=tmp_path) as cache:
-        train_fusion(model, splits["train"], splits["val"], epochs=1, patience=1, cache=cache)
+        train(model, splits, FusionTrainConfig(epochs=1, patience=1), cache=cache)
     image_changed = _changed(image_before, model.image_branch)
     trainable = model.image_branch.trainable_layer_names
     assert {"feature.0.weight", *(f"backbone.{trainable[0]}.weight",)} <= image_changed
@@ -123,7 +126,8 @@ def test_checkpoint_is_self_contained_and_records_its_branches(splits: dict[str,
     with torch.no_grad():
         for parameter in model.head.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
-    folder = model.save_pretrained(tmp_path / "fusion")
+    folder = tmp_path / "fusion"
+    model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     image_branch, text_branch = _branches(branch_folders)
     assert config["image_model"] == {"name": str(branch_folders["image"]), "revision": image_branch.source["revision"]}

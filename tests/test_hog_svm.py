@@ -15,10 +15,12 @@ from sklearn.base import clone
 
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.models import CheckpointError, ModelConfigError, create_model, load_model
-from marketplace_reco.models.hog_svm import HogSvmClassifier, HOGTransformer, _fit_temperature
-from script_modules import load_script
+from marketplace_reco.models.hog_svm import HogSvmClassifier, HOGTransformer
+from marketplace_reco.training.calibration import fit_temperature
+from marketplace_reco.training.hog_svm import fit
 
 CLASSES = ["horizontal", "vertical", "diagonal"]
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _photo(label: int, rng: np.random.Generator) -> Image.Image:
@@ -47,7 +49,7 @@ def trained() -> HogSvmClassifier:
     model = create_model("hog-svm", classes=CLASSES, preprocessing={"image_size": 64}, pixels_per_cell=[8, 16],
                          colour_bins=4, C=0.1)
     assert isinstance(model, HogSvmClassifier)
-    return model.fit(images, labels, val_images, val_labels)
+    return fit(model, model.extract_features(images), labels, model.extract_features(val_images), val_labels)
 
 
 def test_hog_step_is_a_scikit_learn_transformer() -> None:
@@ -88,7 +90,7 @@ def test_untrained_model_is_uniform_and_training_needs_every_class() -> None:
     images, labels = _dataset(6, seed=4)
     np.testing.assert_allclose(model.predict_proba(images=images), 1 / 3)
     with pytest.raises(ModelConfigError, match=r"classes without examples: \['diagonal'\]"):
-        model.fit(images[:2], labels[:2])
+        fit(model, model.extract_features(images[:2]), labels[:2])
     with pytest.raises(ModelConfigError, match="hog-svm classifies photos: pass images="):
         model.predict_proba(texts=["a chair"])
 
@@ -99,7 +101,7 @@ def test_temperature_recovers_the_scale_of_noisy_scores() -> None:
     # Labels drawn from softmax(scores / 2): the fitted temperature must come out near 2.
     proba = np.exp(scores / 2) / np.exp(scores / 2).sum(axis=1, keepdims=True)
     labels = np.array([rng.choice(4, p=row) for row in proba])
-    assert _fit_temperature(scores, labels) == pytest.approx(2.0, rel=0.1)
+    assert fit_temperature(scores, labels) == pytest.approx(2.0, rel=0.1)
 
 
 def test_two_classes_round_trip(tmp_path: Path) -> None:
@@ -107,15 +109,17 @@ def test_two_classes_round_trip(tmp_path: Path) -> None:
     keep = [i for i, label in enumerate(labels) if label < 2]
     model = create_model("hog-svm", classes=CLASSES[:2], preprocessing={"image_size": 32}, pixels_per_cell=[8])
     assert isinstance(model, HogSvmClassifier)
-    model.fit([images[i] for i in keep], [labels[i] for i in keep])
+    fit(model, model.extract_features([images[i] for i in keep]), [labels[i] for i in keep])
     proba = model.predict_proba(images=images[:4])
     assert proba.shape == (4, 2)
-    reloaded = load_model(str(model.save_pretrained(tmp_path / "binary")))
+    model.save_pretrained(tmp_path / "binary")
+    reloaded = load_model(str(tmp_path / "binary"))
     np.testing.assert_array_equal(reloaded.predict_proba(images=images[:4]), proba)
 
 
 def test_fresh_process_loads_identical_predictions(trained: HogSvmClassifier, tmp_path: Path) -> None:
-    folder = trained.save_pretrained(tmp_path / "hog-svm")
+    folder = tmp_path / "hog-svm"
+    trained.save_pretrained(folder)
     images, _ = _dataset(9, seed=7)
     paths = []
     for i, img in enumerate(images):
@@ -134,7 +138,8 @@ def test_fresh_process_loads_identical_predictions(trained: HogSvmClassifier, tm
 
 
 def test_mismatched_hog_parameters_fail_clearly(trained: HogSvmClassifier, tmp_path: Path) -> None:
-    folder = trained.save_pretrained(tmp_path / "hog-svm")
+    folder = tmp_path / "hog-svm"
+    trained.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "orientations": 6}))
     with pytest.raises(CheckpointError, match=r"config\.json: cannot build a 'hog-svm' model from it "
@@ -147,35 +152,36 @@ def test_mismatched_hog_parameters_fail_clearly(trained: HogSvmClassifier, tmp_p
 
 
 # ---- the training script on the embedded sample ----------------------------------------------
-def test_training_script_on_the_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPTS / "train_hog_svm.py"), *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_training_script_on_the_sample(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'sample.db'}"
     make_sample_marketplace(db_url, tmp_path / "images", n_products=65, progress=False)
     output = tmp_path / "checkpoints" / "hog-svm"
-    code = load_script("train_hog_svm").main([
-        "--db-url", db_url, "--images", str(tmp_path / "images"), "--output", str(output),
-        "--val-fraction", "0.2", "--test-fraction", "0.2", "--image-size", "64", "--C", "0.01", "0.1",
-    ])
-    out = capsys.readouterr().out
-    assert code == 0
+    result = _script("--db-url", db_url, "--images", str(tmp_path / "images"), "--output", str(output),
+                     "--val-fraction", "0.2", "--test-fraction", "0.2", "--image-size", "64", "--C", "0.01", "0.1")
+    assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in output.iterdir()) == ["README.md", "config.json", "confusion_matrix.png",
                                                         "model.safetensors"]
     config = json.loads((output / "config.json").read_text())
     metrics = config["metrics"]
     assert metrics["unit"] == "products" and metrics["n_samples"] == 13  # one test product per class
     assert set(metrics["validation_macro_f1_by_C"]) == {"0.01", "0.1"}
+    assert config["C"] == float(max(metrics["validation_macro_f1_by_C"].items(), key=lambda item: item[1])[0])
     assert metrics["per_image"]["n_samples"] >= 13 and metrics["timing_s"]["feature_extraction"] > 0
     assert len(metrics["per_class"]) == 13 and np.sum(metrics["confusion_matrix"]) == 13
-    assert config["data_summary"]["train"]["products"] == 39
-    assert f"{metrics['accuracy']:.4f}" in out
+    assert config["data_summary"]["sizes"]["train"] == 39
+    assert f"{metrics['accuracy']:.4f}" in result.stdout
     card = (output / "README.md").read_text()
     assert f"| accuracy | {metrics['accuracy']:.4f} |" in card and "13 products" in card
     model = load_model(str(output))
     assert model.classes == config["classes"] and model.source["folder"] == str(output)
 
 
-def test_training_script_reports_bad_data_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = load_script("train_hog_svm").main(["--db-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}",
-                                 "--images", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert err.startswith("error: ") and err.count("\n") == 1 and "x.db" in err
+def test_training_script_reports_bad_data_in_one_line(tmp_path: Path) -> None:
+    result = _script("--db-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", "--images", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "x.db" in result.stderr

@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from huggingface_hub import constants
 from fake_hf_hub import FakeHub
 from marketplace_reco.models import CheckpointError, CheckpointNotFoundError, HubError, create_model, load_model
 from marketplace_reco.models.hog_svm import HogSvmClassifier
-from marketplace_reco.models.hub import (
+from marketplace_reco.models._hub import (
     HuggingFaceHub,
     LocalHub,
     S3Hub,
@@ -30,7 +32,9 @@ from marketplace_reco.models.hub import (
     push_checkpoint,
     resolve_checkpoint,
 )
-from script_modules import load_script
+from marketplace_reco.training.hog_svm import fit
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 HF_TOKEN = "hf_test_token"
 
@@ -61,7 +65,7 @@ def _model(seed: int) -> HogSvmClassifier:
     model = create_model("hog-svm", classes=["a", "b", "c"], preprocessing={"image_size": 32})
     assert isinstance(model, HogSvmClassifier)
     rng = np.random.default_rng(seed)
-    model.fit_features(rng.normal(size=(30, model.n_features)), np.arange(30) % 3)
+    fit(model, rng.normal(size=(30, model.n_features)), np.arange(30) % 3)
     model.metrics = {"accuracy": 0.5 + seed / 100, "macro_f1": 0.5, "split": "test", "n_samples": 3}
     return model
 
@@ -79,7 +83,9 @@ def _hashes(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def folders(tmp_path: Path) -> tuple[Path, Path]:
     """Two saved checkpoints with different arrays: what revisions main and v2 will hold."""
-    return _model(1).save_pretrained(tmp_path / "first"), _model(2).save_pretrained(tmp_path / "second")
+    _model(1).save_pretrained(tmp_path / "first")
+    _model(2).save_pretrained(tmp_path / "second")
+    return tmp_path / "first", tmp_path / "second"
 
 
 # ---- choosing the hub --------------------------------------------------------------------------
@@ -242,29 +248,26 @@ def test_model_push_to_hub_reaches_s3_and_hugging_face(hf_hub: FakeHub, s3_bucke
 
 
 # ---- the scripts ----------------------------------------------------------------------------
-def _script(name: str, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run a script's main() in this process (a subprocess would spend its time importing torch)."""
-    module = load_script(name.removesuffix(".py"))
-    capsys.readouterr()
-    code = module.main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _script(name: str, *args: str) -> tuple[int, str, str]:
+    """Run a script as a user does; the environment (hub endpoints, credentials, folders) is the test's."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
+                            timeout=300, check=False)
+    return result.returncode, result.stdout, result.stderr
 
 
 def test_push_and_pull_scripts_move_a_checkpoint_across_hubs(hf_hub: FakeHub, s3_bucket: str,
-                                                             folders: tuple[Path, Path], tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                                             folders: tuple[Path, Path], tmp_path: Path) -> None:
     s3_target = f"s3://{s3_bucket}/models/hog-svm"
     push_checkpoint(folders[1], s3_target, revision="v2")
     # S3 -> Hugging Face in one push, then Hugging Face -> a local folder.
-    code, out, err = _script("push_model.py", capsys, s3_target, "my-org/hog-svm", "--source-revision", "v2",
+    code, out, err = _script("push_model.py", s3_target, "my-org/hog-svm", "--source-revision", "v2",
                              "--revision", "v2")
     assert code == 0, err
     assert hf_hub.repos["my-org/hog-svm"].branches["v2"] in out
-    code, out, err = _script("pull_model.py", capsys, "my-org/hog-svm", str(tmp_path / "pulled"), "--revision", "v2")
+    code, out, err = _script("pull_model.py", "my-org/hog-svm", str(tmp_path / "pulled"), "--revision", "v2")
     assert code == 0, err
     assert _hashes(tmp_path / "pulled") == _hashes(folders[1])
 
-    code, out, err = _script("pull_model.py", capsys, s3_target, str(tmp_path / "nothing"), "--revision", "v7")
+    code, out, err = _script("pull_model.py", s3_target, str(tmp_path / "nothing"), "--revision", "v7")
     assert code == 1
     assert err.strip() == f"error: no checkpoint at {s3_target}/v7: .manifest.json missing"

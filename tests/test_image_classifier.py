@@ -18,13 +18,9 @@ from safetensors.torch import save_file
 
 from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.models import ModelConfigError, load_model
-from marketplace_reco.models.image_classifier import (
-    ImageClassifier,
-    PretrainedWeightsError,
-    evaluate_image_classifier,
-    train_image_classifier,
-)
-from marketplace_reco.training.feature_cache import FeatureCache
+from marketplace_reco.models.image_classifier import ImageClassifier, PretrainedWeightsError
+from marketplace_reco.training import FeatureCache, evaluate_model
+from marketplace_reco.training.image_classifier import ImageTrainConfig, train
 from marketplace_reco.training.image_data import SplitPhotos, augment_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +118,8 @@ def test_checkpoint_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     with torch.no_grad():  # make the head non-trivial so a wrong load would show
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    folder = model.save_pretrained(tmp_path / "ckpt")
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
     photos = _photos(4, seed=1)
     for i, photo in enumerate(photos):
         photo.save(tmp_path / f"p{i}.png")
@@ -148,10 +145,10 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_loading_a_checkpoint_of_a_pretrained_model_never_downloads(tmp_path: Path) -> None:
-    folder = _tiny().save_pretrained(tmp_path / "ckpt")
-    config = json.loads((folder / "config.json").read_text())
-    config["pretrained"] = True  # as written by a model created with timm's pretrained weights
-    (folder / "config.json").write_text(json.dumps(config))
+    model = _tiny()
+    model._record_config(pretrained=True)  # as recorded by a model created with timm's pretrained weights
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
     result = subprocess.run(
         [sys.executable, "-c", "import sys; from marketplace_reco.models import load_model; "
                                "print(load_model(sys.argv[1]).config['pretrained'])", str(folder)],
@@ -194,8 +191,8 @@ def test_cached_and_uncached_training_learn_the_same(sample_marketplace: Marketp
     for use_cache in (True, False):
         model = _tiny(splits["train"].classes)
         with FeatureCache(spill_dir=tmp_path) as cache:
-            result = train_image_classifier(model, splits["train"], splits["val"], epochs=2, patience=2,
-                                            batch_size=16, use_cache=use_cache, cache=cache)
+            result = train(model, splits, ImageTrainConfig(epochs=2, patience=2, batch_size=16, cache=use_cache),
+                           cache=cache)
             assert len(cache) == (len(SplitPhotos.from_split(splits["train"], "t").image_ids)
                                   + len(SplitPhotos.from_split(splits["val"], "v").image_ids) if use_cache else 0)
         histories.append(result.history)
@@ -208,11 +205,10 @@ def test_augmented_training_and_per_product_evaluation(sample_marketplace: Marke
     splits = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)
     model = _tiny(splits["train"].classes, trainable_layers="all")
     before = model.backbone.conv1[0].weight.detach().clone()
-    result = train_image_classifier(model, splits["train"], splits["val"], epochs=1, patience=1, augment=True,
-                                    batch_size=16)
+    result = train(model, splits, ImageTrainConfig(epochs=1, patience=1, augment=True, batch_size=16))
     assert len(result.history) == 1 and not model.training
     assert not torch.equal(before, model.backbone.conv1[0].weight)  # the whole network trained
-    metrics = evaluate_image_classifier(model, splits["test"])
+    metrics = evaluate_model(model, splits["test"])
     photos = SplitPhotos.from_split(splits["test"], "test")
     assert metrics["unit"] == "products" and metrics["n_samples"] == len(photos.product_ids)
     assert metrics["per_image"]["n_samples"] == len(photos.image_ids) > len(photos.product_ids)

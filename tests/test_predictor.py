@@ -13,6 +13,7 @@ from marketplace_reco.data.errors import CorruptImageError, ImageTooLargeError
 from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models import create_model, load_model
 from marketplace_reco.serving import Prediction, Predictor, PredictorInputError
+from marketplace_reco.training.hog_svm import fit
 
 CLASSES = ["Electronics", "Fashion", "Home & Garden"]
 VOCABULARY = ["<pad>", "<unk>", "phone", "charger", "dress", "sofa", "tabl"]
@@ -41,7 +42,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # A few seconds of real training, so that predictions depend on the photo.
     photos = [_photo(color, stripes) for stripes in ("horizontal", "vertical", "none")
               for color in ((200, 50, 50), (50, 200, 50))]
-    create_model("hog-svm", classes=CLASSES).fit(photos, [0, 0, 1, 1, 2, 2]).save_pretrained(folder / "hog-svm")
+    hog = create_model("hog-svm", classes=CLASSES)
+    fit(hog, hog.extract_features(photos), [0, 0, 1, 1, 2, 2]).save_pretrained(folder / "hog-svm")
     text = create_model("text-cnn", classes=CLASSES, vocabulary=VOCABULARY,
                         preprocessing=TextPreprocessor().to_config(), embedding_dim=8, max_length=16,
                         kernel_sizes=[1, 2], num_filters=4, feature_dim=8)

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from marketplace_reco.models import load_model
-from marketplace_reco.models.text_cnn import TextCNN, _AdversarialLoss, members_history, train_text_cnn
-from marketplace_reco.models.word2vec import PAD_INDEX, Word2VecEmbedding, train_word2vec
+from marketplace_reco.models.text_cnn import TextCNN
+from marketplace_reco.models.word2vec import PAD_INDEX, Word2VecEmbedding
+from marketplace_reco.training.text_cnn import TextCNNTrainConfig, _AdversarialLoss, train
+from marketplace_reco.training.word2vec import train_vectors
+from text_marketplaces import text_splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Home & Garden", "Phones", "Tools"]
@@ -32,7 +35,7 @@ def _data(n: int, seed: int) -> tuple[list[str], np.ndarray]:
 @pytest.fixture(scope="module")
 def embedding() -> Word2VecEmbedding:
     texts, _ = _data(45, seed=0)
-    return train_word2vec(texts, dim=16, window=3, negative=5, min_count=1, epochs=50, workers=1, progress=False)
+    return train_vectors(texts, dim=16, window=3, negative=5, min_count=1, epochs=50, workers=1, progress=False)
 
 
 def _model(embedding: Word2VecEmbedding, **hyperparameters: object) -> TextCNN:
@@ -47,8 +50,8 @@ def trained(embedding: Word2VecEmbedding) -> TextCNN:
     model = _model(embedding, fine_tune_embedding=True)
     train_texts, train_labels = _data(45, seed=0)
     val_texts, val_labels = _data(15, seed=1)
-    train_text_cnn(model, train_texts, train_labels, val_texts, val_labels, epochs=10, batch_size=8,
-                   learning_rate=0.02, patience=10)
+    train(model, text_splits((train_texts, train_labels), (val_texts, val_labels), CLASSES),
+          TextCNNTrainConfig(epochs=10, batch_size=8, learning_rate=0.02, patience=10))
     return model
 
 
@@ -68,7 +71,8 @@ def test_the_cnn_learns_and_fine_tunes_the_embedding_but_never_the_padding_row(
 def test_a_frozen_embedding_stays_the_word2vec_vectors(embedding: Word2VecEmbedding) -> None:
     model = _model(embedding)
     texts, labels = _data(24, seed=3)
-    train_text_cnn(model, texts, labels, texts, labels, epochs=2, batch_size=8, learning_rate=0.02)
+    train(model, text_splits((texts, labels), (texts, labels), CLASSES),
+          TextCNNTrainConfig(epochs=2, batch_size=8, learning_rate=0.02))
     for member in model.members:
         assert not member.embedding.weight.requires_grad
         np.testing.assert_array_equal(member.embedding.weight.detach().numpy(), embedding.vectors)
@@ -77,15 +81,14 @@ def test_a_frozen_embedding_stays_the_word2vec_vectors(embedding: Word2VecEmbedd
 def test_members_train_apart_and_the_model_averages_their_probabilities(embedding: Word2VecEmbedding) -> None:
     model = _model(embedding, ensemble_size=3)
     texts, labels = _data(24, seed=6)
-    results = train_text_cnn(model, texts, labels, texts, labels, epochs=3, batch_size=8, learning_rate=0.02,
-                             patience=3)
-    assert len(results) == 3 and all(len(result.history) == 3 for result in results)
+    result = train(model, text_splits((texts, labels), (texts, labels), CLASSES),
+                   TextCNNTrainConfig(epochs=3, batch_size=8, learning_rate=0.02, patience=3))
+    assert [row["member"] for row in result.history] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert len(result.metrics["best_epochs"]) == 3 and 0 <= result.metrics["validation_accuracy"] <= 1
     members = model.predict_member_proba(texts)
     assert members.shape == (24, 3, 3)
     assert not np.allclose(members[:, 0], members[:, 1])  # own seeds: own weights
     np.testing.assert_allclose(model.predict_proba(texts=texts), members.mean(axis=1), atol=1e-6)
-    history = members_history(results)
-    assert [row["member"] for row in history] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
 
 
 @pytest.mark.parametrize("fine_tune", [True, False])

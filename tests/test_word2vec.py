@@ -15,17 +15,10 @@ from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.data.importer import import_csv
 from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models import CheckpointError, load_model
-from marketplace_reco.models.word2vec import (
-    PAD_INDEX,
-    UNK_INDEX,
-    TokenEncoder,
-    Word2VecEmbedding,
-    _with_label_tokens,
-    check_training_split,
-    plot_embedding_2d,
-    probe_words,
-    train_word2vec,
-)
+from marketplace_reco.models.word2vec import PAD_INDEX, UNK_INDEX, TokenEncoder, Word2VecEmbedding
+from marketplace_reco.training.plots import plot_embedding_2d
+from marketplace_reco.training.runs import check_same_split
+from marketplace_reco.training.word2vec import _with_label_tokens, probe_words, train_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _TOPICS = {
@@ -43,7 +36,7 @@ def _texts(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def embedding() -> Word2VecEmbedding:
-    return train_word2vec(_texts(60), dim=16, window=3, negative=5, min_count=1, epochs=100, workers=1, progress=False)
+    return train_vectors(_texts(60), dim=16, window=3, negative=5, min_count=1, epochs=100, workers=1, progress=False)
 
 
 def test_vocabulary_reserves_pad_and_unk_and_orders_tokens_by_frequency(embedding: Word2VecEmbedding) -> None:
@@ -91,9 +84,9 @@ def test_encoder_rejects_a_vocabulary_without_reserved_tokens_and_non_text() -> 
 
 def test_training_needs_tokens() -> None:
     with pytest.raises(ValueError, match="none of the 2 texts has a token"):
-        train_word2vec(["", "the of"], progress=False)
+        train_vectors(["", "the of"], progress=False)
     with pytest.raises(ValueError, match="min_count=5"):
-        train_word2vec(["sofa chair"], min_count=5, progress=False)
+        train_vectors(["sofa chair"], min_count=5, progress=False)
 
 
 def test_save_load_round_trip_without_pickle(embedding: Word2VecEmbedding, tmp_path: Path) -> None:
@@ -149,8 +142,8 @@ def test_class_pseudo_words_bring_words_of_one_class_together() -> None:
         texts.append(" ".join(words))
         labels.append(keys[key])
     options = dict(dim=16, window=2, negative=5, min_count=1, epochs=30, workers=1, progress=False)
-    aware = train_word2vec(texts, labels=labels, label_interval=2, **options)
-    plain = train_word2vec(texts, **options)
+    aware = train_vectors(texts, labels=labels, label_interval=2, **options)
+    plain = train_vectors(texts, **options)
 
     def class_gap(embedding: Word2VecEmbedding) -> float:
         """Same-class minus other-class similarity of the key words."""
@@ -169,9 +162,9 @@ def test_class_pseudo_words_bring_words_of_one_class_together() -> None:
 
 def test_labels_must_match_the_texts() -> None:
     with pytest.raises(ValueError, match="1 labels for 2 texts"):
-        train_word2vec(["sofa chair", "drill saw"], labels=["Home"], progress=False)
+        train_vectors(["sofa chair", "drill saw"], labels=["Home"], progress=False)
     with pytest.raises(ValueError, match="label_interval must be 0"):
-        train_word2vec(["sofa chair"], labels=["Home"], label_interval=-1, progress=False)
+        train_vectors(["sofa chair"], labels=["Home"], label_interval=-1, progress=False)
 
 
 def _write_export(folder: Path, listings: list[tuple[str, str, str]]) -> dict[str, str]:
@@ -220,7 +213,7 @@ def test_script_trains_on_the_training_split_only(tmp_path: Path) -> None:
     assert embedding.metrics["nearest_neighbours"]["sofa"]
     assert embedding.config["label_interval"] == 3  # the training classes were read, as pseudo-words only
     assert not [token for token in vocabulary if token.startswith("<label")]
-    check_training_split(embedding, splits["train"].products["product_id"])  # the same split passes
-    other = load_marketplace(data["db_url"], data["images"]).split((0.8, 0.1, 0.1), seed=4)["train"]
+    check_same_split(embedding, splits, "word2vec embedding")  # the same split passes
+    other = load_marketplace(data["db_url"], data["images"]).split((0.8, 0.1, 0.1), seed=4)
     with pytest.raises(CheckpointError, match="different set of products"):
-        check_training_split(embedding, other.products["product_id"])
+        check_same_split(embedding, other, "word2vec embedding")

@@ -64,6 +64,10 @@ class Marketplace:
         frame = exploded.rename(columns={"image_ids": "image_id"})[["image_id", "product_id", "label"]]
         return frame.reset_index(drop=True)
 
+    def product_texts(self, product_ids: Iterable[Any]) -> list[str]:
+        """The clean text of each of ``product_ids`` (repeats allowed, e.g. one per photo), in that order."""
+        return self.products.set_index("product_id").loc[list(product_ids), "text"].tolist()
+
     def subset(self, product_ids: Iterable[Any]) -> Marketplace:
         """The products with these ids (in ``products`` order), same classes and store, nothing excluded."""
         wanted = pd.Index(list(product_ids))

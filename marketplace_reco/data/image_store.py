@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..settings import cache_dir, default_image_location, s3_client
 from .errors import ImageNotFoundError, ImageStoreError, ImageStoreUnreachableError, InvalidImageIdError
 
@@ -70,7 +70,8 @@ class ImageStore(ABC):
         ids = list(dict.fromkeys(image_ids))
         with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
             results = pool.map(self.get, ids)
-            fetched = list(tqdm(results, total=len(ids), desc="fetch images", unit="img", disable=not progress))
+            fetched = list(progress_bar(results, total=len(ids), desc="fetch images", unit="img",
+                                        disable=not progress))
         return dict(zip(ids, fetched))
 
     def __repr__(self) -> str:
@@ -271,6 +272,6 @@ def copy_images(source: ImageStore, target: ImageStore, image_ids: Sequence[str]
         return True
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        copied = list(tqdm(pool.map(_copy, ids), total=len(ids), desc=f"copy to {target.location}", unit="img",
-                           disable=not progress))
+        copied = list(progress_bar(pool.map(_copy, ids), total=len(ids), desc=f"copy to {target.location}",
+                                   unit="img", disable=not progress))
     return sum(copied)

@@ -30,8 +30,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from .database import describe_db_error, mask_url, open_engine
 from .errors import DatabaseError, ImportFileError
 from .schema import create_schema, images, products
@@ -314,7 +314,7 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], report: 
     columns = [c.name for c in table.columns if c.name != "id"]
     update_stmt = (update(table).where(table.c.id == bindparam("match_id"))
                    .values({name: bindparam(f"new_{name}") for name in columns}))
-    with tqdm(total=len(rows), desc=f"import {table.name}", unit="row", disable=not progress) as bar:
+    with progress_bar(total=len(rows), desc=f"import {table.name}", unit="row", disable=not progress) as bar:
         for batch in _batches(rows):
             stored = {row.id: row._mapping for row in
                       conn.execute(select(table).where(table.c.id.in_([r["id"] for r in batch])))}

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from sqlalchemy import inspect, select
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from .database import mask_url, open_engine
 from .errors import DataConfigError, DataError
 from .image_store import open_image_store
@@ -355,7 +355,7 @@ def make_sample_marketplace(
 
     store = open_image_store(image_dir, create=True)
     photos = [(image_id, int(item.label)) for item in listings for image_id in item.image_ids]
-    for image_id, label in tqdm(photos, desc="draw sample photos", unit="img", disable=not progress):
+    for image_id, label in progress_bar(photos, desc="draw sample photos", unit="img", disable=not progress):
         store.put(image_id, _jpeg(_photo(rng, label)))
 
     with tempfile.TemporaryDirectory(prefix="marketplace-sample-") as tmp:

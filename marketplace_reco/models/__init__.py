@@ -1,20 +1,42 @@
-"""Model families, registered by type name; create with ``create_model``, load with ``load_model``."""
+"""Model families, registered by type name: create with ``create_model``, load any checkpoint with ``load_model``.
 
-from . import fusion, hog_svm, image_classifier, text_cnn, word2vec  # noqa: F401  (registers the model types)
-from .checkpoint import CheckpointMixin, TorchCheckpointMixin
+Inference only: architectures, the checkpoint format and hubs, ``predict_proba`` and features. Fitting a model
+lives in ``marketplace_reco.training``.
+"""
+
+from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
+from ._format import FORMAT_VERSION
+from ._hub import DEFAULT_REVISION, ResolvedCheckpoint, pull_checkpoint, push_checkpoint, resolve_checkpoint
+from ._registry import create_model, list_models, load_model, register_model
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
-from .registry import create_model, list_models, load_model, register_model
+from .fusion import FusionClassifier
+from .hog_svm import HogSvmClassifier
+from .image_classifier import ImageClassifier, PretrainedWeightsError
+from .text_cnn import TextCNN
+from .word2vec import Word2VecEmbedding
 
 __all__ = [
+    "DEFAULT_REVISION",
+    "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointMixin",
     "CheckpointNotFoundError",
+    "FusionClassifier",
+    "HogSvmClassifier",
     "HubError",
+    "ImageClassifier",
     "ModelConfigError",
+    "PretrainedWeightsError",
+    "ResolvedCheckpoint",
+    "TextCNN",
     "TorchCheckpointMixin",
     "UnknownModelTypeError",
+    "Word2VecEmbedding",
     "create_model",
     "list_models",
     "load_model",
+    "pull_checkpoint",
+    "push_checkpoint",
     "register_model",
+    "resolve_checkpoint",
 ]

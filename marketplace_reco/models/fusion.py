@@ -29,26 +29,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data.dataset import Marketplace
-from ..training.distributed import DistributedContext, single_process_context, wrap_model
-from ..training.feature_cache import FeatureCache, state_fingerprint
-from ..training.image_data import CachedBatches, SplitPhotos, batch_loader, load_pixels, photo_chunks
-from ..training.loop import FitResult, fit
-from .checkpoint import _FORMAT_KEYS, TorchCheckpointMixin
+from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
+from ._registry import register_model
 from .errors import ModelConfigError
-from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier, cache_trunk_outputs, one_cycle_adamw
-from .registry import register_model
+from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier
 from .text_cnn import TextCNN
 
 BRANCHES = ("image", "text")
 
 
-def _init_arguments(model: TorchCheckpointMixin) -> dict[str, Any]:
-    """The arguments that rebuild ``model`` (its config without the format's own keys)."""
-    return {key: value for key, value in model.config.items() if key not in _FORMAT_KEYS}
-
-
-def _origin(model: TorchCheckpointMixin) -> dict[str, str]:
+def _origin(model: CheckpointMixin) -> dict[str, str]:
     return {"name": model.source.get("name", "in memory"), "revision": model.source.get("revision", "")}
 
 
@@ -106,7 +96,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
     def from_branches(cls, image_model: ImageClassifier, text_model: TextCNN, *, unfrozen: Sequence[str] = (),
                       **hyperparameters: Any) -> FusionClassifier:
         """A new fusion model whose branches are copies of the trained models' weights (heads left out)."""
-        model = cls(image_model.classes, _init_arguments(image_model), _init_arguments(text_model),
+        model = cls(image_model.classes, image_model.init_arguments(), text_model.init_arguments(),
                     image_model=_origin(image_model), text_model=_origin(text_model), unfrozen=list(unfrozen),
                     **hyperparameters)
         model.image_branch.load_state_dict(
@@ -138,13 +128,6 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         """Logits of normalised photos [n, 3, h, w] and their listings' token ids [n, length]."""
         return self.fuse(self.image_branch.features(pixels), self.text_branch.features(token_ids))
 
-    def branch_fingerprint(self, kind: str) -> str:
-        """Hash of a branch's weights and input processing: the cache key of its feature vectors."""
-        if kind == "image":
-            return state_fingerprint(["image", self.image_branch.preprocessing], self.image_branch.state_dict())
-        text_input = [self.text_branch.encoder.preprocessor.to_config(), self.text_branch.max_length]
-        return state_fingerprint(["text", *text_input], self.text_branch.state_dict())
-
     # ---- raw inputs -------------------------------------------------------------------------------
     def known_token_counts(self, texts: Sequence[str]) -> np.ndarray:
         """[n] how many tokens of each text the text branch knows; 0 means the photo alone decides."""
@@ -172,113 +155,3 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         finally:
             self.train(was_training)
         return torch.cat(chunks).numpy()
-
-
-# ---- training and evaluation on a marketplace -----------------------------------------------------------
-class _FromParts(nn.Module):
-    """The fusion model as a module of cached inputs: image features or trunk outputs, text features or ids."""
-
-    def __init__(self, model: FusionClassifier, n_image_inputs: int) -> None:
-        super().__init__()
-        self.model = model
-        self.n_image_inputs = n_image_inputs
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        image_inputs, text_input = inputs[:self.n_image_inputs], inputs[self.n_image_inputs]
-        model = self.model
-        image = (model.image_branch.features_from_trunk(*image_inputs) if "image" in model.unfrozen
-                 else image_inputs[0])
-        text = model.text_branch.features(text_input) if "text" in model.unfrozen else text_input
-        return model.fuse(image, text)
-
-
-def _product_texts(split: Marketplace, product_ids: Sequence[str]) -> list[str]:
-    return split.products.set_index("product_id").loc[list(product_ids), "text"].tolist()
-
-
-def _image_parts(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
-                 name: str) -> tuple[tuple[str, list[str]], int]:
-    """Cache the image branch's inputs for ``photos``: feature vectors (frozen) or its trunk's outputs (unfrozen)."""
-    branch = model.image_branch
-    if "image" in model.unfrozen:
-        fingerprint = cache_trunk_outputs(branch, split.image_store, photos.image_ids, cache,
-                                          desc=f"image trunk ({name})")
-        return (fingerprint, photos.image_ids), len(branch.trunk_output_names)
-    fingerprint = model.branch_fingerprint("image")
-    device = branch.feature[0].weight.device
-
-    def compute(ids: list[str]) -> list[np.ndarray]:
-        pixels = branch.normalize(load_pixels(split.image_store, ids, branch.to_pixels, desc=None)).to(device)
-        return [branch.features(pixels).cpu().numpy()]
-
-    with torch.inference_mode():
-        cache.fill(fingerprint, photos.image_ids, compute, batch_size=INFERENCE_BATCH_SIZE,
-                   desc=f"image features ({name})")
-    return (fingerprint, photos.image_ids), 1
-
-
-def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
-                    name: str) -> tuple[CachedBatches, int]:
-    """One sample per photo: the photo with its product's text; frozen branches' features come from ``cache``."""
-    image_part, n_image_inputs = _image_parts(model, split, photos, cache, name)
-    texts = _product_texts(split, photos.image_products)
-    if "text" in model.unfrozen:
-        return CachedBatches(cache, [image_part], photos.image_labels,
-                             extra=[torch.from_numpy(model.text_branch.encode(texts).ids)]), n_image_inputs
-    fingerprint = model.branch_fingerprint("text")
-    products = list(dict.fromkeys(photos.image_products))
-    by_product = dict(zip(photos.image_products, texts))
-    cache.fill(fingerprint, products, lambda ids: [model.text_branch.extract_features([by_product[i] for i in ids])],
-               batch_size=256, desc=f"text features ({name})")
-    parts = [image_part, (fingerprint, list(photos.image_products))]
-    return CachedBatches(cache, parts, photos.image_labels), n_image_inputs
-
-
-def train_fusion(
-    model: FusionClassifier,
-    train: Marketplace,
-    val: Marketplace,
-    *,
-    epochs: int = 30,
-    batch_size: int = 64,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 1e-4,
-    patience: int = 5,
-    cache: FeatureCache | None = None,
-    seed: int = 0,
-    context: DistributedContext | None = None,
-) -> FitResult:
-    """Train the head (and any unfrozen branch) in place, one sample per photo with its product's text.
-
-    Frozen branches' feature vectors, and the image trunk's outputs of an unfrozen image branch, are
-    computed once and kept in ``cache`` (default: a new ``FeatureCache``). AdamW with a one-cycle LR
-    schedule, early stopping on validation loss; the model ends with its best epoch's weights. Under
-    torchrun pass the context from ``init_distributed()``: each rank trains on its own share of the photos.
-    """
-    context = context or single_process_context(model.head[1].weight.device)
-    model.to(context.device)
-    cache = cache if cache is not None else FeatureCache()
-    train_photos = SplitPhotos.from_split(train, "train").shard(context.rank, context.world_size, pad=True)
-    val_photos = SplitPhotos.from_split(val, "validation").shard(context.rank, context.world_size, pad=False)
-    optimizer, scheduler = one_cycle_adamw(model, learning_rate=learning_rate, weight_decay=weight_decay,
-                                           epochs=epochs, batch_size=batch_size, n_samples=len(train_photos.image_ids))
-    train_set, n_image_inputs = _fusion_batches(model, train, train_photos, cache, "train")
-    val_set, _ = _fusion_batches(model, val, val_photos, cache, "validation")
-    train_loader = batch_loader(train_set, batch_size, shuffle=True, seed=seed + context.rank)
-    val_loader = batch_loader(val_set, batch_size, shuffle=False)
-    result = fit(wrap_model(_FromParts(model, n_image_inputs), context), train_loader, val_loader, epochs=epochs,
-                 optimizer=optimizer, scheduler=scheduler, patience=patience, monitor="val_loss", context=context,
-                 desc="fusion")
-    model.eval()
-    return result
-
-
-def evaluate_fusion(model: FusionClassifier, split: Marketplace, name: str = "test") -> dict[str, Any]:
-    """Held-out metrics per product (each photo with the product's text, probabilities averaged per product)."""
-    photos = SplitPhotos.from_split(split, name)
-    texts = _product_texts(split, photos.image_products)
-    chunks, start = [], 0
-    for images in photo_chunks(split.image_store, photos.image_ids, desc=f"predict {name}"):
-        chunks.append(model.predict_proba(images=images, texts=texts[start:start + len(images)]))
-        start += len(images)
-    return photos.evaluate(np.concatenate(chunks), model.classes, name)

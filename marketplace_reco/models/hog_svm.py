@@ -14,41 +14,32 @@ An image goes through ``Pipeline([("hog", HOGTransformer), ("scale", StandardSca
 4. probabilities: a softmax of the SVM decision scores divided by a temperature fitted on validation data
    (minimum negative log-likelihood), so the classes can be ranked and the confidences mean something.
 
-A product with several photos is classified by averaging its photos' probabilities (``train_hog_svm``
-evaluates per product). Saved arrays: ``scale.mean``, ``scale.scale``, ``svm.coef``, ``svm.intercept``,
+A product with several photos is classified by averaging its photos' probabilities, as every image model is
+evaluated (``training.evaluation``). Fitting lives in ``training.hog_svm``. Saved arrays: ``scale.mean``,
+``scale.scale``, ``svm.coef``, ``svm.intercept``,
 ``calibration.temperature``; nothing is pickled.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from joblib import Parallel, delayed
 from PIL import Image
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 from skimage.feature import hog, local_binary_pattern
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.metrics import f1_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from tqdm.auto import tqdm
 
-from ..data.dataset import Marketplace
+from .._progress import progress_bar
 from ..data.images import ImageSource, letterbox, load_image
-from ..training.metrics import evaluate
-from .checkpoint import CheckpointMixin
+from ._checkpoint import CheckpointMixin
+from ._registry import register_model
 from .errors import ModelConfigError
-from .registry import register_model
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_PREPROCESSING: dict[str, Any] = {"resize": "letterbox", "image_size": 128, "fill": [0, 0, 0]}
 # Images per joblib task; below _PROGRESS_MIN images (a serving request) no progress bar is shown.
@@ -116,11 +107,11 @@ class HOGTransformer(BaseEstimator, TransformerMixin):
                 "cells_per_block": int(self.cells_per_block), "colour_bins": int(self.colour_bins),
                 "lbp_grid": int(self.lbp_grid)}
 
-    def fit(self, X: Sequence[ImageSource], y: Any = None) -> HOGTransformer:  # noqa: N803 - sklearn's naming
+    def fit(self, X: Sequence[ImageSource], y: Any = None) -> HOGTransformer:
         """Nothing to learn; present so the transformer fits in a ``Pipeline``."""
         return self
 
-    def transform(self, X: Sequence[ImageSource]) -> np.ndarray:  # noqa: N803
+    def transform(self, X: Sequence[ImageSource]) -> np.ndarray:
         """``[n_images, n_features]`` float32 features, in input order."""
         params = self._params()
         images = list(X)
@@ -133,7 +124,8 @@ class HOGTransformer(BaseEstimator, TransformerMixin):
         else:
             blocks = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_chunk_features)(c, params) for c in chunks)
         results = []
-        with tqdm(total=len(images), desc="HOG features", unit="img", disable=len(images) < _PROGRESS_MIN) as progress:
+        with progress_bar(total=len(images), desc="HOG features", unit="img",
+                          disable=len(images) < _PROGRESS_MIN) as progress:
             for block in blocks:
                 results.append(block)
                 progress.update(len(block))
@@ -168,7 +160,7 @@ class HogSvmClassifier(CheckpointMixin):
         cells_per_block: int = 2,
         colour_bins: int = 8,
         lbp_grid: int = 2,
-        C: float = 0.0003,  # noqa: N803 - the SVM's usual name
+        C: float = 0.0003,
         max_iter: int = 5000,
         random_state: int = 0,
         n_features: int | None = None,
@@ -239,38 +231,25 @@ class HogSvmClassifier(CheckpointMixin):
         svm.n_features_in_ = self.n_features
         self.temperature = float(arrays["calibration.temperature"][0])
 
-    # ---- training ------------------------------------------------------------------------------
+    # ---- fitted state --------------------------------------------------------------------------
     def extract_features(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """The HOG step alone: ``[n, n_features]`` features (also what a fusion model can consume)."""
+        """The HOG step alone: ``[n, n_features]`` features of PIL images, encoded bytes or paths."""
         return self.pipeline["hog"].transform(images)
 
-    def fit(self, images: Sequence[ImageSource], labels: Sequence[int], val_images: Sequence[ImageSource] | None = None,
-            val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
-        """Train on images (PIL, bytes or paths) with label indices; validation images fit the temperature."""
-        val_features = None if val_images is None else self.extract_features(val_images)
-        return self.fit_features(self.extract_features(images), labels, val_features, val_labels)
-
-    def fit_features(self, features: np.ndarray, labels: Sequence[int], val_features: np.ndarray | None = None,
-                     val_labels: Sequence[int] | None = None) -> HogSvmClassifier:
-        """Train the scaler and SVM on extracted features, then the temperature on validation features."""
-        labels = np.asarray(labels)
-        absent = sorted(set(range(len(self.classes))) - set(labels.tolist()))
-        if absent or labels.min() < 0 or labels.max() >= len(self.classes):
-            raise ModelConfigError(f"training labels must be indices into the {len(self.classes)} classes and cover "
-                                   f"all of them; classes without examples: {[self.classes[i] for i in absent]}")
-        self.pipeline[1:].fit(features, labels)
-        # Hold the arrays exactly as a loaded checkpoint does (liblinear leaves coef_ Fortran-ordered, and BLAS
-        # sums in a different order for it): a trained model and its reloaded copy then agree bit for bit.
-        self._load_state_arrays(self._state_arrays())
-        self.temperature = 1.0
-        if val_features is not None and val_labels is not None and len(val_labels):
-            self.temperature = _fit_temperature(self._scores(val_features, from_features=True), np.asarray(val_labels))
-        return self
+    def load_fitted(self, scaler: StandardScaler, svm: LinearSVC, temperature: float) -> None:
+        """Take the fitted scaler and SVM (``training.hog_svm``) and the softmax temperature as this model's state."""
+        self.pipeline["svm"].C = svm.C
+        self._record_config(C=float(svm.C))
+        arrays = {"scale.mean": scaler.mean_, "scale.scale": scaler.scale_, "svm.coef": svm.coef_,
+                  "svm.intercept": svm.intercept_, "calibration.temperature": np.array([temperature])}
+        # Held exactly as a loaded checkpoint holds them (liblinear leaves coef_ Fortran-ordered, and BLAS sums in
+        # another order for it): a trained model and its reloaded copy then agree bit for bit.
+        self._load_state_arrays({key: np.ascontiguousarray(value, dtype=np.float64) for key, value in arrays.items()})
 
     # ---- prediction ----------------------------------------------------------------------------
-    def _scores(self, inputs: Any, from_features: bool = False) -> np.ndarray:
-        steps = self.pipeline[1:] if from_features else self.pipeline
-        scores = steps.decision_function(inputs)
+    def decision_scores(self, features: np.ndarray) -> np.ndarray:
+        """``[n, n_classes]`` SVM scores of extracted features (``extract_features``), before the temperature."""
+        scores = self.pipeline[1:].decision_function(features)
         return np.column_stack([-scores, scores]) / 2 if scores.ndim == 1 else scores
 
     def predict_proba(self, images: Sequence[ImageSource] | None = None,
@@ -280,107 +259,8 @@ class HogSvmClassifier(CheckpointMixin):
             raise ModelConfigError("hog-svm classifies photos: pass images=")
         if len(images) == 0:
             return np.zeros((0, len(self.classes)))
-        return softmax(self._scores(list(images)) / self.temperature, axis=1)
+        return self.predict_proba_features(self.extract_features(list(images)))
 
     def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
         """Probabilities from already extracted features (``extract_features``)."""
-        return softmax(self._scores(features, from_features=True) / self.temperature, axis=1)
-
-
-def _fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The T minimising the negative log-likelihood of softmax(scores / T) (searched over log T)."""
-
-    def _nll(log_t: float) -> float:
-        return float(-log_softmax(scores / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
-
-    return float(np.exp(minimize_scalar(_nll, bounds=(-6.0, 6.0), method="bounded").x))
-
-
-# ---- training run on a marketplace -----------------------------------------------------------
-@dataclass
-class _SplitImages:
-    """The photos of one split: features, each photo's product and label, and each product's label."""
-
-    features: np.ndarray
-    image_products: np.ndarray
-    image_labels: np.ndarray
-    product_ids: np.ndarray
-    product_labels: np.ndarray
-
-    def product_proba(self, image_proba: np.ndarray) -> np.ndarray:
-        """Average the photos' probabilities per product, in ``product_ids`` order."""
-        frame = pd.DataFrame(image_proba).groupby(self.image_products, sort=False).mean()
-        return frame.loc[self.product_ids].to_numpy()
-
-
-def _split_images(model: HogSvmClassifier, split: Marketplace, name: str) -> _SplitImages:
-    frame = split.images_frame()
-    if frame.empty:
-        raise ModelConfigError(f"the {name} split has no photos: an image model cannot be trained or evaluated on it")
-    encoded = split.image_store.get_many(frame["image_id"].tolist(), progress=True)
-    features = model.extract_features([encoded[image_id] for image_id in frame["image_id"]])
-    labels = pd.Categorical(frame["label"], categories=model.classes).codes.astype(np.int64)
-    products = frame.drop_duplicates("product_id")
-    return _SplitImages(features, frame["product_id"].to_numpy(), labels, products["product_id"].to_numpy(),
-                        pd.Categorical(products["label"], categories=model.classes).codes.astype(np.int64))
-
-
-@dataclass
-class HogSvmRun:
-    """What ``train_hog_svm`` hands back: the best model, its held-out metrics and the data it saw."""
-
-    model: HogSvmClassifier
-    metrics: dict[str, Any]
-    data_summary: dict[str, Any]
-
-
-def train_hog_svm(splits: dict[str, Marketplace], C_values: Sequence[float] = (0.01,),  # noqa: N803
-                  **hyperparameters: Any) -> HogSvmRun:
-    """Extract features of every photo once, train one model per C, keep the best on validation (product
-    macro-F1), and evaluate it on the held-out test products (photos' probabilities averaged per product).
-
-    ``hyperparameters`` are ``HogSvmClassifier`` arguments (``orientations``, ``pixels_per_cell``, ...).
-    The metrics are per product, with per-photo figures under ``per_image`` and timings under ``timing_s``.
-    """
-    if not C_values:
-        raise ModelConfigError("C_values is empty: give at least one SVM regularisation value")
-    classes = splits["train"].classes
-    extractor = HogSvmClassifier(classes, **hyperparameters)
-    started = time.perf_counter()
-    data = {name: _split_images(extractor, splits[name], name) for name in ("train", "val", "test")}
-    extraction_s = time.perf_counter() - started
-
-    started = time.perf_counter()
-    search: dict[str, float] = {}
-    best: tuple[float, HogSvmClassifier] | None = None
-    for c_value in tqdm(C_values, desc="SVM per C", unit="fit"):
-        model = HogSvmClassifier(classes, C=c_value, **hyperparameters)
-        model.fit_features(data["train"].features, data["train"].image_labels,
-                           data["val"].features, data["val"].image_labels)
-        val_proba = data["val"].product_proba(model.predict_proba_features(data["val"].features))
-        score = float(f1_score(data["val"].product_labels, val_proba.argmax(axis=1), average="macro",
-                               labels=range(len(classes)), zero_division=0))
-        search[str(c_value)] = score
-        logger.info("C=%g: validation product macro-F1 %.4f", c_value, score)
-        if best is None or score > best[0]:
-            best = (score, model)
-    training_s = time.perf_counter() - started
-    assert best is not None  # C_values is not empty
-    model = best[1]
-
-    test = data["test"]
-    image_proba = model.predict_proba_features(test.features)
-    metrics = evaluate(test.product_labels, test.product_proba(image_proba), classes, split="test")
-    per_image = evaluate(test.image_labels, image_proba, classes, split="test")
-    metrics.update({
-        "unit": "products",
-        "per_image": {key: per_image[key] for key in ("n_samples", "accuracy", "macro_f1")},
-        "validation_macro_f1_by_C": search,
-        "temperature": model.temperature,
-        "timing_s": {"feature_extraction": round(extraction_s, 2), "training": round(training_s, 2)},
-    })
-    # Splits are subsets of one load: source and exclusions belong to the whole, not to each split.
-    summary = {name: {key: value for key, value in split.summary().items() if key not in ("source", "excluded")}
-               for name, split in splits.items()}
-    data_summary = {"source": splits["train"].source, "split": "by product, stratified on the label", **summary}
-    return HogSvmRun(model, metrics, data_summary)
+        return softmax(self.decision_scores(features) / self.temperature, axis=1)

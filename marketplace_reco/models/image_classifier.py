@@ -8,7 +8,7 @@ graphs that share its modules:
   (kept for the residual) and its ``conv2`` activation.
 - ``trainable_tail(*trunk_outputs)``: the rest, up to the pooled backbone features.
 Because the frozen outputs depend only on the photo and the frozen weights, a trainer can compute them once
-per photo and cache them (``training.feature_cache``), which is what makes epochs after the first cheap.
+per photo and cache them (``training.image_classifier``), which is what makes epochs after the first cheap.
 
 Which layers train is ``trainable_layers``: the number of trailing parameterised layers of the backbone (in
 module order; 2 = ResNet-50's ``conv3``+``bn3``), ``0`` for a fully frozen backbone, or ``"all"``.
@@ -33,18 +33,11 @@ from safetensors.torch import load_file
 from timm.data import resolve_data_config
 from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
-from torch.utils.data import Dataset
 
-from ..data.dataset import Marketplace
-from ..data.image_store import ImageStore
 from ..data.images import letterbox
-from ..training.distributed import DistributedContext, single_process_context, wrap_model
-from ..training.feature_cache import FeatureCache, state_fingerprint
-from ..training.image_data import CachedBatches, PhotoBatches, SplitPhotos, batch_loader, load_pixels, photo_chunks
-from ..training.loop import FitResult, fit
-from .checkpoint import TorchCheckpointMixin
+from ._checkpoint import TorchCheckpointMixin
+from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
-from .registry import register_model
 
 #: Default ``trainable_layers``: the last two parameterised layers, i.e. the final conv + norm of a ResNet.
 DEFAULT_TRAINABLE_LAYERS = 2
@@ -325,11 +318,9 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         """Class logits [n, n_classes] of normalised photos ``x`` [n, 3, h, w]."""
         return self.head(self.features(x))
 
-    def trunk_fingerprint(self) -> str:
-        """Hash of everything that determines ``frozen_trunk``'s output for a photo: a feature cache's key."""
-        frozen_state = {name: value for name, value in self.backbone.state_dict().items()
-                        if not self._is_trainable(name)}
-        return state_fingerprint([self.backbone_name, self.preprocessing, self.trainable_layer_names], frozen_state)
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone tensors of the frozen part: with the preprocessing, all that ``frozen_trunk`` depends on."""
+        return {name: value for name, value in self.backbone.state_dict().items() if not self._is_trainable(name)}
 
     # ---- photos in ------------------------------------------------------------------------------------
     def to_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -374,119 +365,10 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         return self._batched(images, lambda x: torch.softmax(self(x), dim=1))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *, revision: str | None = None,
-                        **model_kwargs: Any) -> ImageClassifier:
+    def _from_pretrained(cls, **kwargs: Any) -> ImageClassifier:  # type: ignore[override]
         """Load a checkpoint; the trunk comes from its weights file, so nothing is downloaded."""
         token = _LOADING_CHECKPOINT.set(True)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, revision=revision, **model_kwargs)
-            return model  # type: ignore[return-value]
+            return super()._from_pretrained(**kwargs)  # type: ignore[return-value]
         finally:
             _LOADING_CHECKPOINT.reset(token)
-
-
-# ---- training and evaluation on a marketplace -----------------------------------------------------------
-class _FromTrunk(nn.Module):
-    """An image classifier's trainable part as a module of the frozen trunk's (cached) outputs."""
-
-    def __init__(self, model: ImageClassifier) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *trunk_outputs: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.features_from_trunk(*trunk_outputs))
-
-
-def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, epochs: int, batch_size: int,
-                    n_samples: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW over the trainable parameters with a one-cycle LR schedule over all the run's batches.
-
-    Called before any photo is processed, so bad arguments fail at once. The fused implementation: with a
-    cached trunk a training step is so short that the optimizer's per-parameter loop would take a fifth of it.
-    """
-    if epochs < 1 or batch_size < 1:
-        raise ModelConfigError(f"epochs and batch_size must be at least 1, not {epochs} and {batch_size}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                  weight_decay=weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
-                                                    total_steps=epochs * -(-n_samples // batch_size))
-    return optimizer, scheduler
-
-
-def cache_trunk_outputs(model: ImageClassifier, store: ImageStore, image_ids: Sequence[str], cache: FeatureCache,
-                        *, desc: str = "frozen trunk") -> str:
-    """Run the frozen trunk once for every photo not yet in ``cache``; returns the fingerprint it is stored under."""
-    fingerprint = model.trunk_fingerprint()
-    device = next(model.parameters()).device
-
-    def compute(ids: list[str]) -> list[np.ndarray]:
-        pixels = load_pixels(store, ids, model.to_pixels, desc=None)
-        return [t.cpu().numpy() for t in model.frozen_trunk(model.normalize(pixels).to(device))]
-
-    with torch.inference_mode():
-        cache.fill(fingerprint, image_ids, compute, batch_size=INFERENCE_BATCH_SIZE, desc=desc)
-    return fingerprint
-
-
-def train_image_classifier(
-    model: ImageClassifier,
-    train: Marketplace,
-    val: Marketplace,
-    *,
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 1e-4,
-    patience: int = 3,
-    augment: bool = False,
-    use_cache: bool = True,
-    cache: FeatureCache | None = None,
-    seed: int = 0,
-    context: DistributedContext | None = None,
-) -> FitResult:
-    """Train ``model``'s trainable part in place on the photos of ``train``, early stopping on ``val`` loss.
-
-    Without augmentation (and with ``use_cache``) the frozen trunk runs once per photo and its outputs are
-    cached (``cache``, default: a new ``FeatureCache``), so every epoch only runs the trainable part. With
-    ``augment`` every epoch runs the whole network on freshly augmented photos. AdamW with a one-cycle LR
-    schedule; the model ends with its best validation epoch's weights. Under torchrun pass the context from
-    ``init_distributed()``: each rank trains on (and caches) its own share of the photos, DDP averages gradients.
-    """
-    context = context or single_process_context(next(model.parameters()).device)
-    model.to(context.device)
-    train_photos = SplitPhotos.from_split(train, "train").shard(context.rank, context.world_size, pad=True)
-    val_photos = SplitPhotos.from_split(val, "validation").shard(context.rank, context.world_size, pad=False)
-    optimizer, scheduler = one_cycle_adamw(model, learning_rate=learning_rate, weight_decay=weight_decay,
-                                           epochs=epochs, batch_size=batch_size, n_samples=len(train_photos.image_ids))
-    module: nn.Module
-    if augment or not use_cache:
-        train_set: Dataset = PhotoBatches(load_pixels(train.image_store, train_photos.image_ids, model.to_pixels,
-                                                      desc="decode train photos"),
-                                          train_photos.image_labels, model.normalize, augment=augment, seed=seed)
-        val_set: Dataset = PhotoBatches(load_pixels(val.image_store, val_photos.image_ids, model.to_pixels,
-                                                    desc="decode validation photos"),
-                                        val_photos.image_labels, model.normalize, augment=False)
-        module = model
-    else:
-        cache = cache if cache is not None else FeatureCache()
-        fingerprint = cache_trunk_outputs(model, train.image_store, train_photos.image_ids, cache,
-                                          desc="frozen trunk (train)")
-        cache_trunk_outputs(model, val.image_store, val_photos.image_ids, cache, desc="frozen trunk (validation)")
-        train_set = CachedBatches(cache, [(fingerprint, train_photos.image_ids)], train_photos.image_labels)
-        val_set = CachedBatches(cache, [(fingerprint, val_photos.image_ids)], val_photos.image_labels)
-        module = _FromTrunk(model)
-    train_loader = batch_loader(train_set, batch_size, shuffle=True, seed=seed + context.rank)
-    val_loader = batch_loader(val_set, batch_size, shuffle=False)
-    result = fit(wrap_model(module, context), train_loader, val_loader, epochs=epochs, optimizer=optimizer,
-                 scheduler=scheduler, patience=patience, monitor="val_loss", context=context,
-                 desc="image-classifier")
-    model.eval()
-    return result
-
-
-def evaluate_image_classifier(model: ImageClassifier, split: Marketplace, name: str = "test") -> dict[str, Any]:
-    """Held-out metrics per product (its photos' probabilities averaged), per-photo figures under ``per_image``."""
-    photos = SplitPhotos.from_split(split, name)
-    proba = np.concatenate([model.predict_proba(images=images)
-                            for images in photo_chunks(split.image_store, photos.image_ids, desc=f"predict {name}")])
-    return photos.evaluate(proba, model.classes, name)

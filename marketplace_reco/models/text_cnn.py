@@ -10,7 +10,7 @@ side. Why: one member's held-out accuracy varies by about a point from seed to s
 averaging five such members gains 0.7 points over a typical one (``scripts/bench_text.py``).
 Each member also learns from adversarial examples (Miyato et al., 2017): its training loss is averaged with
 the loss at word vectors moved a little in the direction that raises it most, a regulariser that suits the
-few thousand short training texts (``_AdversarialLoss``).
+few thousand short training texts (``training.text_cnn``, where the members are trained).
 
 The checkpoint is self-contained: the embedding matrices are in its ``model.safetensors`` and the
 vocabulary, text preprocessing and maximum length in its ``config.json``, so ``load_model`` alone
@@ -21,25 +21,20 @@ the batch and windows that reach into the padding are masked out of the max-pool
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from ..training.distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
-from ..training.loop import FitResult, fit
-from .checkpoint import TorchCheckpointMixin
-from .registry import register_model
+from ._checkpoint import TorchCheckpointMixin
+from ._registry import register_model
 from .word2vec import PAD_INDEX, EncodedTexts, TokenEncoder, Word2VecEmbedding
 
 # Inference batch size: bounds memory for long lists without slowing short ones.
 _PREDICT_BATCH = 256
-# Training batches are formed within runs of this many batches sorted by length.
-_BUCKET_BATCHES = 50
 
 
 class _KimCNN(nn.Module):
@@ -210,154 +205,3 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         if texts is None:
             raise ValueError("TextCNN.predict_proba needs texts=[...]; this model does not use images")
         return self._batched(texts, self._proba)
-
-
-class _LengthBucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar-length texts drawn from a (possibly sharded) shuffled sampler.
-
-    Each run of ``batch_size * _BUCKET_BATCHES`` indices is sorted by length, cut into batches and the
-    batches shuffled, so a batch is padded to its own longest text rather than to one of the rare very long
-    listings, which makes an epoch several times cheaper. Every rank gets the same number of batches.
-    """
-
-    def __init__(self, sampler: Sampler[int], lengths: np.ndarray, batch_size: int, seed: int) -> None:
-        self.sampler = sampler
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        indices = list(self.sampler)
-        chunk = self.batch_size * _BUCKET_BATCHES
-        for start in range(0, len(indices), chunk):
-            ordered = sorted(indices[start: start + chunk], key=lambda i: self.lengths[i])
-            batches = [ordered[i: i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
-            for b in rng.permutation(len(batches)):
-                yield batches[b]
-
-    def __len__(self) -> int:
-        n, chunk = len(self.sampler), self.batch_size * _BUCKET_BATCHES  # type: ignore[arg-type]
-        return (n // chunk) * _BUCKET_BATCHES + math.ceil((n % chunk) / self.batch_size)
-
-
-class _AdversarialLoss:
-    """Label-smoothed cross-entropy averaged with the same loss at adversarially moved word vectors.
-
-    Adversarial training for text (Miyato et al., 2017): after the clean forward pass, each text's embedded
-    tokens are moved, by ``epsilon`` times their own norm, in the direction that raises the loss fastest (its
-    normalised gradient), and the member also learns from that worst nearby input. It keeps decisions from
-    hanging on small differences between word vectors, which on the real listings' 4,600 training texts
-    lifts held-out accuracy (``scripts/bench_text.py``). A forward hook on the member's embedding records the
-    clean pass and adds the perturbation in the second; ``close`` removes it. In eval mode, or with
-    ``epsilon`` 0, this is the plain cross-entropy.
-    """
-
-    def __init__(self, member: _KimCNN, epsilon: float, label_smoothing: float) -> None:
-        self.member = member
-        self.epsilon = epsilon
-        self.label_smoothing = label_smoothing
-        self._clean: tuple[torch.Tensor, torch.Tensor] | None = None  # the token ids and their embedding
-        self._perturbation: torch.Tensor | None = None
-        self._hook = member.embedding.register_forward_hook(self._on_embedding)
-
-    def _training(self) -> bool:
-        return self.epsilon > 0 and self.member.training and torch.is_grad_enabled()
-
-    def _on_embedding(self, module: nn.Module, inputs: tuple[torch.Tensor],
-                      output: torch.Tensor) -> torch.Tensor | None:
-        if not self._training():
-            return None
-        if self._perturbation is not None:
-            return output + self._perturbation
-        # A frozen embedding's output needs a gradient too: it says which way to move the vectors.
-        self._clean = (inputs[0], output if output.requires_grad else output.requires_grad_())
-        return None
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        if self._clean is None or not self._training():
-            return loss
-        token_ids, embedded = self._clean
-        self._clean = None
-        (gradient,) = torch.autograd.grad(loss, embedded, retain_graph=True)
-        gradient = gradient * (token_ids != PAD_INDEX).unsqueeze(2)
-        scale = embedded.detach().flatten(1).norm(dim=1) / gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
-        self._perturbation = self.epsilon * scale[:, None, None] * gradient
-        try:
-            adversarial = F.cross_entropy(self.member(token_ids), targets, label_smoothing=self.label_smoothing)
-        finally:
-            self._perturbation = None
-        return (loss + adversarial) / 2
-
-    def close(self) -> None:
-        self._hook.remove()
-
-
-def _loader(ids: np.ndarray, labels: np.ndarray, batch_size: int, context: DistributedContext, *, shuffle: bool,
-            seed: int) -> DataLoader:
-    dataset = TensorDataset(torch.from_numpy(ids), torch.as_tensor(labels, dtype=torch.long))
-    sampler = shard_sampler(dataset, context, shuffle=shuffle, seed=seed)
-    lengths = (ids != PAD_INDEX).sum(axis=1)
-    return DataLoader(dataset, batch_sampler=_LengthBucketBatchSampler(sampler, lengths, batch_size, seed))
-
-
-def train_text_cnn(
-    model: TextCNN,
-    train_texts: Sequence[str],
-    train_labels: np.ndarray,
-    val_texts: Sequence[str],
-    val_labels: np.ndarray,
-    *,
-    epochs: int = 15,
-    batch_size: int = 16,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.01,
-    patience: int = 5,
-    label_smoothing: float = 0.1,
-    adversarial_epsilon: float = 0.05,
-    seed: int = 0,
-    context: DistributedContext | None = None,
-) -> list[FitResult]:
-    """Train ``model``'s members in place, one after the other; one ``FitResult`` per member.
-
-    Each member: AdamW on label-smoothed cross-entropy with adversarial training on the word vectors
-    (``adversarial_epsilon``: the perturbation's size relative to the embedded text; 0 turns it off, and
-    halves the training time), a one-cycle LR schedule, batches of similar-length texts shuffled with seed
-    ``seed + member``, early stopping on validation accuracy, and the weights of its best validation epoch.
-    Under torchrun pass the context from ``init_distributed()``: each rank trains on its shard and DDP
-    averages the gradients.
-    """
-    context = context or single_process_context(next(model.parameters()).device)
-    train_ids, val_ids = model.encode(train_texts).ids, model.encode(val_texts).ids
-    val = _loader(val_ids, val_labels, batch_size, context, shuffle=False, seed=seed)
-    results = []
-    for index, member in enumerate(model.members):
-        member_seed = seed + index
-        train = _loader(train_ids, train_labels, batch_size, context, shuffle=True, seed=member_seed)
-        optimizer = torch.optim.AdamW([p for p in member.parameters() if p.requires_grad], lr=learning_rate,
-                                      weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate,
-                                                        total_steps=epochs * len(train))
-        # Dropout masks differ per member too (the initial weights already do, from the caller's seed).
-        torch.manual_seed(member_seed)
-        loss = _AdversarialLoss(member, adversarial_epsilon, label_smoothing)
-        try:
-            results.append(fit(wrap_model(member, context), train, val, epochs=epochs, optimizer=optimizer,
-                               scheduler=scheduler, loss_fn=loss, patience=patience, monitor="val_accuracy",
-                               context=context, desc=f"text-cnn member {index + 1}/{len(model.members)}"))
-        finally:
-            loss.close()
-    model.eval()
-    return results
-
-
-def members_history(results: Sequence[FitResult]) -> list[dict[str, float]]:
-    """The members' epoch rows in one list, each with its ``member`` number (1-based), for curves and reports."""
-    return [{**row, "member": index + 1} for index, result in enumerate(results) for row in result.history]

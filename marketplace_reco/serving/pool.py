@@ -111,7 +111,7 @@ class ModelPool:
         for name, revision in self._revisions.items():
             try:
                 predictor = await loop.run_in_executor(self._executor, self._load, name, revision)
-            except Exception as exc:  # noqa: BLE001 - any failure (missing checkpoint, network) is reported by /ready
+            except Exception as exc:
                 logger.exception("cannot load model %r", name)
                 self.status[name] = f"failed: {exc}"
                 continue

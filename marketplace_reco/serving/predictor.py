@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
-from ..models import load_model
-from ..models.checkpoint import CheckpointMixin
+from ..models import CheckpointMixin, load_model
 from .schemas import Prediction
 
 #: What each classifier input kind consumes.

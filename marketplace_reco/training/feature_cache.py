@@ -19,15 +19,16 @@ import json
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..settings import cache_dir
 
 #: Default memory budget: 2 GiB holds the ResNet-50 trunk outputs of ~8,000 photos at 224 px in float16.
@@ -179,7 +180,7 @@ class FeatureCache:
              *, batch_size: int = 64, desc: str = "cache features") -> None:
         """Compute and store the entries of ``ids`` that are missing, ``batch_size`` ids per ``compute`` call."""
         todo = self.missing(fingerprint, ids)
-        with tqdm(total=len(todo), desc=desc, unit="item", disable=not todo) as progress:
+        with progress_bar(total=len(todo), desc=desc, unit="item", disable=not todo) as progress:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 self.put(fingerprint, batch, compute(batch))
@@ -236,3 +237,14 @@ class FeatureCache:
             self._spill_dir = Path(tempfile.mkdtemp(prefix="spill-", dir=self._spill_parent))
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
         return self._spill_dir
+
+
+@contextmanager
+def cache_or_new(cache: FeatureCache | None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> Iterator[FeatureCache]:
+    """``cache`` itself (its owner closes it), or a new cache closed on leaving the block."""
+    if cache is not None:
+        yield cache
+        return
+    with FeatureCache(memory_budget_bytes=memory_budget_bytes) as new:
+        yield new

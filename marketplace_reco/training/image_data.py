@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
-from tqdm.auto import tqdm
 
+from .._progress import progress_bar
 from ..data.dataset import Marketplace
 from ..data.errors import DataError
 from ..data.image_store import ImageStore
@@ -94,7 +94,7 @@ def photo_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | Non
     """Decoded RGB photos, ``PHOTO_CHUNK`` at a time, in ``image_ids`` order (with a progress bar unless
     ``desc`` is None)."""
     with ThreadPoolExecutor(max_workers=4) as pool, \
-            tqdm(total=len(image_ids), desc=desc, unit="img", disable=desc is None) as progress:
+            progress_bar(total=len(image_ids), desc=desc, unit="img", disable=desc is None) as progress:
         for start in range(0, len(image_ids), PHOTO_CHUNK):
             ids = list(image_ids[start:start + PHOTO_CHUNK])
             encoded = store.get_many(ids)

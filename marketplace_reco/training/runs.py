@@ -1,30 +1,62 @@
-"""What every training script shares: data arguments, the product split, and finishing a run.
+"""A training run from start to finish, the same for every model: what the ``scripts/train_*.py`` call.
 
-A run ends the same way for every model: metrics and data summary go into the checkpoint's config,
-the checkpoint is saved (and optionally pushed to a hub), and the confusion matrix and training curves
-are written as PNGs beside it.
+A script parses its arguments (data and output options from here, its model's options, its training config
+through ``add_config_arguments``) and hands ``run_training`` a function that builds and trains the model. The run
+starts the process group under torchrun, loads and splits the data by product, times the training, evaluates
+the held-out products on rank 0 (``evaluation.evaluate_model``), and ``finish_run`` saves the checkpoint with its
+metrics, plots and history (and pushes it to a hub if asked). Every error the data or a checkpoint can raise
+ends the script with one line saying what and where, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import inspect
 import json
 import logging
-import tempfile
-from collections.abc import Callable, Sequence
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
 
 from ..data.dataset import Marketplace, load_marketplace
-from ..data.importer import import_csv
-from ..models.checkpoint import CheckpointMixin
+from ..data.errors import DataError
+from ..models import CheckpointMixin, push_checkpoint
+from ..models.errors import CheckpointError
 from ..settings import checkpoints_dir
-from .metrics import plot_confusion_matrix, plot_training_curves
+from .distributed import DistributedContext, init_distributed
+from .evaluation import evaluate_model
+from .feature_cache import FeatureCacheError
+from .plots import plot_confusion_matrix, plot_training_curves
 
 logger = logging.getLogger(__name__)
 
+Config = TypeVar("Config")
+#: The errors a run reports in one line: bad data, an unusable checkpoint, bad settings.
+RUN_ERRORS = (DataError, CheckpointError, FeatureCacheError, ValueError)
 
+
+@dataclass
+class TrainResult:
+    """What a family's ``train`` hands back; the model it was given holds the trained weights."""
+
+    #: One row per epoch (``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy``, ...); empty without epochs.
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: What the run learned about itself (best epoch, validation figures, timings): merged into the metrics.
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: Extra pictures for people: file name -> function writing it to the given path.
+    figures: dict[str, Callable[[Path], Any]] = field(default_factory=dict)
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the listings come from and how they are split (by product, stratified)."""
     group = parser.add_argument_group("data")
@@ -53,55 +85,54 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
 
 
 def default_arguments(function: Callable[..., Any]) -> dict[str, Any]:
-    """``function``'s parameters and their defaults: the one source of a script's option defaults."""
+    """``function``'s parameters and their defaults (of a model's ``__init__``: its script's model options)."""
     return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, train: Callable[..., Any], *, samples: str,
-                           stops_without: str) -> argparse._ArgumentGroup:
-    """The optimisation options of a torch training function, with its defaults; returns the group.
+def _option_type(annotation: Any) -> tuple[Any, bool]:
+    """The argparse type of a config field's annotation, and whether it takes a list."""
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) in (list, tuple):
+        return typing.get_args(hint)[0], True
+    return hint, False
 
-    ``samples`` says what a batch holds ("texts"), ``stops_without`` what early stopping waits for
-    ("a better validation accuracy").
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, title: str, *,
+                         defaults: Any | None = None, shared: Sequence[str] = ("seed",)) -> argparse._ArgumentGroup:
+    """One option per field of the dataclass ``config_class`` (``learning_rate`` -> ``--learning-rate``, plus the
+    ``flags`` of the field's metadata), with the field's default (or ``defaults``'s value) and its ``help``.
+
+    The ``shared`` fields come from options the parser already has (``--seed``, of the data arguments).
     """
-    defaults = default_arguments(train)
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=defaults["epochs"],
-                       help="maximum epochs; also the length of the one-cycle schedule (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=defaults["batch_size"],
-                       help=f"{samples} per batch and process (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=defaults["learning_rate"],
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=defaults["weight_decay"],
-                       help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--patience", type=int, default=defaults["patience"],
-                       help=f"stop after this many epochs without {stops_without} (default: %(default)s)")
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(config_class)
+    defaults = defaults if defaults is not None else config_class()
+    for spec in dataclasses.fields(config_class):
+        if spec.name in shared:
+            continue
+        default = getattr(defaults, spec.name)
+        flags = [f"--{spec.name.replace('_', '-')}", *spec.metadata.get("flags", [])]
+        help_text = spec.metadata.get("help", "") + (" (default: %(default)s)" if default is not None else "")
+        kind, many = _option_type(hints[spec.name])
+        if kind is bool:
+            group.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            group.add_argument(*flags, dest=spec.name, type=kind, nargs="+" if many else None,
+                               default=list(default) if many and default is not None else default,
+                               metavar=spec.metadata.get("metavar"),
+                               choices=spec.metadata.get("choices"), help=help_text)
     return group
 
 
-def add_export_arguments(parser: argparse.ArgumentParser, default_export: Path) -> argparse._ArgumentGroup:
-    """Where a benchmark reads the listings: a users' CSV export folder (the default) or a database."""
-    group = parser.add_argument_group("data: a CSV export (imported into a temporary SQLite database) or a database")
-    group.add_argument("--data", type=Path, default=default_export,
-                       help="export folder with products.csv, images.csv and images/ (default: %(default)s)")
-    group.add_argument("--db-url", default=None, help="read this database instead of importing --data")
-    group.add_argument("--images", default=None,
-                       help="photos with --db-url: a folder or s3://bucket/prefix (default: <--data>/images)")
-    return group
+def config_from_arguments(config_class: type[Config], args: argparse.Namespace) -> Config:
+    """The dataclass ``config_class`` filled from the parsed options of the same names."""
+    return config_class(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(config_class)})
 
 
-def load_export(args: argparse.Namespace) -> tuple[Marketplace, str]:
-    """The marketplace named by the export arguments, and how a report describes it."""
-    if args.db_url is not None:
-        return load_marketplace(args.db_url, args.images or str(args.data / "images")), args.db_url
-    # The database only lives while it is read: the listings are in memory afterwards.
-    with tempfile.TemporaryDirectory(prefix="marketplace-export-") as scratch:
-        db_url = f"sqlite:///{Path(scratch) / 'marketplace.db'}"
-        import_csv(args.data / "products.csv", args.data / "images.csv", db_url, progress=False)
-        marketplace = load_marketplace(db_url, str(args.data / "images"))
-    return marketplace, f"{args.data} (imported into a temporary SQLite database)"
-
-
+# ---- data --------------------------------------------------------------------------------------------------
 def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:
     """Load the marketplace named by the data arguments and split it by product."""
     marketplace = load_marketplace(args.db_url, args.images)
@@ -109,15 +140,63 @@ def load_splits(args: argparse.Namespace) -> dict[str, Marketplace]:
     return marketplace.split((train_fraction, args.val_fraction, args.test_fraction), seed=args.seed)
 
 
+def products_fingerprint(product_ids: Iterable[Any]) -> str:
+    """A hash of a set of products, to check later that two models were trained on the same ones."""
+    joined = "\n".join(sorted(str(product_id) for product_id in product_ids))
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
+
+
 def split_summary(splits: dict[str, Marketplace], seed: int) -> dict[str, Any]:
-    """The data summary a checkpoint records; the fusion script compares its seed and sizes across branches."""
+    """The data summary a checkpoint records, with a fingerprint of its training products."""
     return {"split": "by product, stratified on the label", "seed": seed, **splits["train"].summary(),
-            "sizes": {name: len(split.products) for name, split in splits.items()}}
+            "sizes": {name: len(split.products) for name, split in splits.items()},
+            "train_products": products_fingerprint(splits["train"].products["product_id"])}
 
 
+def check_same_split(model: CheckpointMixin, splits: dict[str, Marketplace], role: str) -> None:
+    """Refuse a model trained on other products than this run's training split: it may have learned from this
+    run's validation or test listings, and its held-out figures would lie."""
+    recorded = model.data_summary.get("train_products")
+    if recorded != products_fingerprint(splits["train"].products["product_id"]):
+        where = model.source.get("folder", "the in-memory model")
+        raise CheckpointError(
+            f"the {role} {where} was trained on a different set of products (fingerprint {recorded!r}) than this "
+            "run's training split, so it may have seen this run's validation or test listings; train it with the "
+            "same data and split arguments (--db-url, --images, --val-fraction, --test-fraction, --seed)"
+        )
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
 def output_folder(args: argparse.Namespace) -> Path:
     """The checkpoint folder chosen by the output arguments."""
     return args.output if args.output is not None else checkpoints_dir() / args.name
+
+
+def run_training(args: argparse.Namespace,
+                 fit: Callable[[dict[str, Marketplace], DistributedContext], tuple[CheckpointMixin, TrainResult]],
+                 ) -> int:
+    """Run ``fit(splits, context)`` (build the model and train it) on the data the arguments name, evaluate the
+    held-out test products and save the checkpoint; the script's exit status (1 after a one-line error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    context = init_distributed()
+    try:
+        splits = load_splits(args)
+        torch.manual_seed(args.seed)
+        started = time.perf_counter()
+        model, result = fit(splits, context)
+        training_s = time.perf_counter() - started
+        if context.is_main:
+            metrics = evaluate_model(model, splits["test"]) if model.input_kind else {}
+            metrics.update(result.metrics, training_s=round(training_s, 1), processes=context.world_size)
+            finish_run(model, output_folder(args), metrics=metrics,
+                       data_summary={**model.data_summary, **split_summary(splits, args.seed)},
+                       history=result.history, figures=result.figures, push_to=args.push_to, revision=args.revision)
+    except RUN_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        context.close()
+    return 0
 
 
 def finish_run(
@@ -126,13 +205,16 @@ def finish_run(
     *,
     metrics: dict[str, Any],
     data_summary: dict[str, Any],
-    history: Sequence[dict[str, float]] | None = None,
+    history: Sequence[dict[str, float]] = (),
+    figures: dict[str, Callable[[Path], Any]] | None = None,
     push_to: str | None = None,
     revision: str | None = None,
 ) -> Path:
-    """Record metrics in the model, save the checkpoint, draw its plots and optionally push it."""
+    """Record metrics in the model, save the checkpoint, draw its pictures and optionally push it."""
     model.metrics = metrics
     model.data_summary = data_summary
+    if isinstance(model, torch.nn.Module):
+        model.cpu()
     model.save_pretrained(folder)
     classes = model.config.get("classes")
     title = f"{model.model_type} ({folder.name})"
@@ -141,10 +223,10 @@ def finish_run(
     if history:
         plot_training_curves(history, folder / "training_curves.png", title)
         (folder / "history.json").write_text(json.dumps(list(history), indent=2), encoding="utf-8")
+    for name, draw in (figures or {}).items():
+        draw(folder / name)
     logger.info("saved %s to %s", model.model_type, folder)
     if push_to:
-        from ..models.hub import push_checkpoint
-
         push_checkpoint(folder, push_to, revision=revision)
     print(format_metrics(metrics, title))
     print(f"checkpoint: {folder}")

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
+from ._checkpoint import CheckpointMixin
+from ._format import CONFIG_FILE, read_config
+from ._hub import resolve_checkpoint
 from .errors import UnknownModelTypeError
-
-if TYPE_CHECKING:
-    from .checkpoint import CheckpointMixin
 
 _MODEL_REGISTRY: dict[str, type[CheckpointMixin]] = {}
 
-M = TypeVar("M", bound="type[CheckpointMixin]")
+C = TypeVar("C", bound=type[CheckpointMixin])
 
 
-def register_model(model_type: str) -> Callable[[M], M]:
+def register_model(model_type: str) -> Callable[[C], C]:
     """Class decorator: make ``model_type`` creatable and loadable through the factory."""
 
-    def _register(cls: M) -> M:
+    def _register(cls: C) -> C:
         if model_type in _MODEL_REGISTRY and _MODEL_REGISTRY[model_type] is not cls:
             raise ValueError(f"model type {model_type!r} is already registered by {_MODEL_REGISTRY[model_type]!r}")
         cls.model_type = model_type
@@ -48,18 +49,16 @@ def create_model(model_type: str, **kwargs: Any) -> CheckpointMixin:
     return model_class(model_type)(**kwargs)
 
 
-def load_model(name_or_path: str, revision: str | None = None, **kwargs: Any) -> CheckpointMixin:
+def load_model(name_or_path: str | Path, revision: str | None = None, **kwargs: Any) -> CheckpointMixin:
     """Load any checkpoint by name, folder, ``s3://`` location or Hugging Face repo id.
 
-    The folder's ``config.json`` names the model type, so the caller never needs to know it.
+    The folder's ``config.json`` names the model type, so the caller never needs to know it; it is read once
+    and handed to the model class.
     """
-    from .checkpoint import CONFIG_FILE, read_config
-    from .hub import resolve_checkpoint
-
-    resolved = resolve_checkpoint(name_or_path, revision=revision)
-    model_type = read_config(resolved.folder)["model_type"]
+    resolved = resolve_checkpoint(str(name_or_path), revision=revision)
+    config, config_sha256 = read_config(resolved.folder)
     try:
-        cls = model_class(model_type)
+        cls = model_class(config["model_type"])
     except UnknownModelTypeError as exc:
         raise UnknownModelTypeError(f"{resolved.folder / CONFIG_FILE}: {exc}") from None
-    return cls.from_pretrained(resolved, **kwargs)
+    return cls.from_resolved(resolved, config, config_sha256, **kwargs)

@@ -26,7 +26,6 @@ hub says it should be, and a mismatch raises ``HubError`` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,7 +41,7 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, HTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from ..settings import cache_dir, checkpoints_dir, s3_client
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, content_revision, read_config
+from ._format import CONFIG_FILE, WEIGHTS_FILE, content_revision, file_sha256, read_config
 from .errors import CheckpointError, CheckpointNotFoundError, HubError
 
 DEFAULT_REVISION = "main"
@@ -84,15 +83,6 @@ def checkpoint_files(folder: Path) -> list[str]:
         for path in folder.rglob("*")
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_checkpoint_folder(folder: Path) -> None:
@@ -281,7 +271,7 @@ class HuggingFaceHub(Hub):
                 folder_path=folder,
                 revision=revision,
                 allow_patterns=checkpoint_files(folder),
-                commit_message=f"Upload {read_config(folder)['model_type']} checkpoint",
+                commit_message=f"Upload {read_config(folder)[0]['model_type']} checkpoint",
             )
         except (HTTPError, OSError, HFValidationError) as exc:
             raise self._failure(exc, name, revision) from exc

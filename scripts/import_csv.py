@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from marketplace_reco.data.errors import DataError
-from marketplace_reco.data.importer import import_csv
+from marketplace_reco.data.importer import MAX_RECORD_LINES, import_csv
 from marketplace_reco.settings import default_db_url
 
 
@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Load the marketplace CSV export into any SQLAlchemy database URL. Rows are matched on id: "
                     "new ones are inserted, changed ones updated, so importing twice leaves one copy. "
-                    "Rejected rows are listed with their line number and reason.",
+                    "Every line is accounted for: rejected records are listed with their lines and reason, and "
+                    "an unbalanced quote costs only its own record.",
     )
     parser.add_argument("--products", type=Path, required=True,
                         help="products CSV (columns: unnamed index, id, product_name, category, "
@@ -33,7 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                              "postgresql+psycopg2://user:password@host:5432/dbname; tables are created if missing "
                              f"(default: $MARKETPLACE_DB_URL or {default_db_url()})")
     parser.add_argument("--rejected-csv", type=Path, default=None,
-                        help="also write every rejected row (file, line, id, reason) to this CSV file")
+                        help="also write every rejected record (file, first_line, last_line, id, reason) to this "
+                             "CSV file")
+    parser.add_argument("--max-record-lines", type=int, default=MAX_RECORD_LINES,
+                        help="most physical lines one record may span; a quoted field still open after that many "
+                             f"lines is rejected as an unbalanced quote (default: {MAX_RECORD_LINES}; every record "
+                             "of the real export is one line, its longest description holds 519 line breaks)")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return parser
 
@@ -41,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        report = import_csv(args.products, args.images, args.db_url, progress=not args.no_progress)
+        report = import_csv(args.products, args.images, args.db_url, progress=not args.no_progress,
+                            max_record_lines=args.max_record_lines)
         if args.rejected_csv is not None:
             report.write_rejected_csv(args.rejected_csv)
     except DataError as exc:

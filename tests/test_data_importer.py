@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
 from marketplace_reco.data.database import open_engine, read_images, read_products
 from marketplace_reco.data.dataset import load_marketplace
-from marketplace_reco.data.errors import DatabaseError, ImportFileError
-from marketplace_reco.data.importer import ImportReport, import_csv, parse_price
+from marketplace_reco.data.errors import DatabaseError, DataConfigError, ImportFileError
+from marketplace_reco.data.importer import ImportReport, RejectedRow, TableReport, import_csv, parse_price
 from services import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def _check_round_trip(db_url: str, products_csv: Path, images_csv: Path) -> None
 def _assert_counts(report: ImportReport, inserted: tuple[int, int], unchanged: tuple[int, int]) -> None:
     for table, n_inserted, n_unchanged in zip((report.products, report.images), inserted, unchanged):
         assert (table.inserted, table.updated, table.unchanged, table.rejected) == (n_inserted, 0, n_unchanged, [])
-        assert table.rows_read == n_inserted + n_unchanged
+        assert table.records_read == n_inserted + n_unchanged
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -143,14 +145,14 @@ def test_rejected_rows_are_reported_with_line_and_reason(export_subset: tuple[Pa
     report = import_csv(bad_products, bad_images, f"sqlite:///{tmp_path / 'market.db'}", progress=False)
 
     n_images = len(image_lines) - 1
-    assert report.products.rows_read == N_PRODUCTS + 2
+    assert report.products.records_read == N_PRODUCTS + 2
     assert report.products.inserted == N_PRODUCTS
-    assert [(r.line, r.reason) for r in report.products.rejected] == [
-        (N_PRODUCTS + 2, "duplicate id, first seen on line 2"),
-        (N_PRODUCTS + 3, "expected 7 fields, found 4"),
+    assert [(r.first_line, r.last_line, r.reason) for r in report.products.rejected] == [
+        (N_PRODUCTS + 2, N_PRODUCTS + 2, "duplicate id, first seen on line 2"),
+        (N_PRODUCTS + 3, N_PRODUCTS + 3, "expected 7 fields, found 4"),
     ]
     assert report.images.inserted == n_images
-    assert [(r.line, r.row_id) for r in report.images.rejected] == [
+    assert [(r.first_line, r.row_id) for r in report.images.rejected] == [
         (n_images + 2, "bbbbbbbb-0000-0000-0000-000000000001"),
         (n_images + 3, "bbbbbbbb-0000-0000-0000-000000000002"),
     ]
@@ -162,7 +164,202 @@ def test_rejected_rows_are_reported_with_line_and_reason(export_subset: tuple[Pa
     assert "duplicate id" in text
 
     report.write_rejected_csv(tmp_path / "rejected.csv")
-    assert len(pd.read_csv(tmp_path / "rejected.csv")) == 4
+    rejected = pd.read_csv(tmp_path / "rejected.csv")
+    assert rejected.columns.tolist() == ["file", "first_line", "last_line", "id", "reason"]
+    assert rejected["first_line"].tolist() == [N_PRODUCTS + 2, N_PRODUCTS + 3, n_images + 2, n_images + 3]
+
+
+PRODUCTS_HEADER = ",id,product_name,category,product_description,price,location"
+IMAGES_HEADER = ",id,product_id,bucket_link,image_ref,create_time"
+
+
+def _product(i: int, description: str = "", category: str = "Home & Garden / Sofas") -> str:
+    """Line of products.csv for product p<i>, with a price and a town of its own."""
+    return (f"{i},p{i},Item {i} | in Leeds | Gumtree,{category},{description or f'Nice item {i}'},"
+            f"£{10 + i}.00,Town {i}")
+
+
+def _image(i: int, bucket_link: str = "") -> str:
+    """Line of images.csv for image i<i> of product p<i>, with a reference of its own."""
+    return f"{i},i{i},p{i},{bucket_link or f'link{i}'},ref{i},26/02/2022"
+
+
+def _import_lines(folder: Path, product_lines: list[str], image_lines: list[str],
+                  **options: Any) -> tuple[ImportReport, pd.DataFrame, pd.DataFrame]:
+    """Write the two files, import them into a new SQLite database; the report and the stored tables by id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "products.csv").write_text("\n".join([PRODUCTS_HEADER, *product_lines]) + "\n", encoding="utf-8")
+    (folder / "images.csv").write_text("\n".join([IMAGES_HEADER, *image_lines]) + "\n", encoding="utf-8")
+    db_url = f"sqlite:///{folder / 'market.db'}"
+    report = import_csv(folder / "products.csv", folder / "images.csv", db_url, progress=False, **options)
+    engine = open_engine(db_url)
+    try:
+        return report, read_products(engine).set_index("id"), read_images(engine).set_index("id")
+    finally:
+        engine.dispose()
+
+
+def _assert_nothing_lost(table: TableReport, stored: pd.DataFrame) -> None:
+    """The report adds up, and every line written for a product p<i> or image i<i> is stored or rejected."""
+    lines = Path(table.source).read_text(encoding="utf-8").split("\n")[:-1]
+    assert table.physical_lines == len(lines) == 1 + table.blank_lines + table.record_lines
+    assert table.records_read == table.inserted + table.updated + table.unchanged + len(table.rejected)
+    rejected_lines = {n for r in table.rejected for n in range(r.first_line, r.last_line + 1)}
+    for number, line in enumerate(lines[1:], start=2):
+        written_id = re.match(r"[^,]*,([pi]\d+),", line)
+        if written_id is not None:
+            assert number in rejected_lines or written_id[1] in stored.index, (number, line)
+
+
+def _assert_products_are_their_own(stored: pd.DataFrame, numbers: list[int]) -> None:
+    """Products p<i> are stored with their own price, town and description, nothing of another product's."""
+    assert sorted(stored.index) == [f"p{i}" for i in numbers]
+    for i in numbers:
+        assert stored.loc[f"p{i}", ["price_text", "location"]].tolist() == [f"£{10 + i}.00", f"Town {i}"]
+        assert "\n" not in stored.loc[f"p{i}", "product_description"]
+
+
+def test_a_quote_closing_lines_later_costs_only_its_own_product(tmp_path: Path) -> None:
+    # Read as one record, the quote opened on line 2 runs to p2's 'Big "oak" desk' and p0 takes p2's price and
+    # town, while p1 and p2 vanish: the failure reported in issue 19.
+    product_lines = [_product(0, '"Comfy sofa, 6 ft'), _product(1), _product(2, 'Big "oak" desk'),
+                     _product(3), _product(4)]
+
+    report, stored, _ = _import_lines(tmp_path, product_lines, [])
+
+    _assert_products_are_their_own(stored, [1, 2, 3, 4])
+    assert stored.loc["p2", "product_description"] == 'Big "oak" desk'
+    assert [(r.first_line, r.last_line, r.row_id, r.reason) for r in report.products.rejected] == [
+        (2, 2, "p0", "unbalanced quote: a quoted field is still open at the end of line 2, "
+                     "and line 3 starts a new record"),
+    ]
+    _assert_nothing_lost(report.products, stored)
+    assert "line 2 (id p0): unbalanced quote" in str(report)
+
+
+def test_a_quote_closing_lines_later_costs_only_its_own_image(tmp_path: Path) -> None:
+    # The quote opened in i0's bucket_link closes in i2's, which would give i0 the reference of i2.
+    image_lines = [_image(0, '"link0'), _image(1), _image(2, 'li"nk2'), _image(3), _image(4)]
+
+    report, _, stored = _import_lines(tmp_path, [_product(i) for i in range(5)], image_lines)
+
+    assert sorted(stored.index) == ["i1", "i2", "i3", "i4"]
+    assert stored["image_ref"].tolist() == ["ref1", "ref2", "ref3", "ref4"]
+    assert stored.loc["i2", "bucket_link"] == 'li"nk2'
+    assert [(r.first_line, r.last_line, r.row_id) for r in report.images.rejected] == [(2, 2, "i0")]
+    assert "line 3 starts a new record" in report.images.rejected[0].reason
+    _assert_nothing_lost(report.images, stored)
+
+
+@pytest.mark.parametrize(("product_lines", "rejected"), [
+    # Read as one record, this quote would run to the end of the file and take p2, p3 and p4 with it.
+    ([_product(0), _product(1, '"Comfy sofa, 6 ft'), _product(2), _product(3), _product(4)],
+     [(3, 3, "p1", "unbalanced quote: a quoted field is still open at the end of line 3, "
+                   "and line 4 starts a new record")]),
+    ([_product(0), _product(1), _product(2), _product(3), _product(4, '"Comfy sofa'), "six feet wide", "blue"],
+     [(6, 8, "p4", "unbalanced quote: a quoted field is still open at the end of the file")]),
+], ids=["in-a-middle-record", "in-the-last-record"])
+def test_a_quote_never_closed_costs_only_its_own_product(product_lines: list[str],
+                                                         rejected: list[tuple[int, int, str, str]],
+                                                         tmp_path: Path) -> None:
+    report, stored, _ = _import_lines(tmp_path, product_lines, [])
+
+    kept = [i for i in range(5) if f"p{i}" not in {row_id for _, _, row_id, _ in rejected}]
+    _assert_products_are_their_own(stored, kept)
+    assert [(r.first_line, r.last_line, r.row_id, r.reason) for r in report.products.rejected] == rejected
+    _assert_nothing_lost(report.products, stored)
+
+
+def test_an_image_quote_never_closed_costs_only_its_own_image(tmp_path: Path) -> None:
+    image_lines = [_image(0), _image(1, '"link1'), _image(2), _image(3), _image(4)]
+
+    report, _, stored = _import_lines(tmp_path, [_product(i) for i in range(5)], image_lines)
+
+    assert stored["image_ref"].tolist() == ["ref0", "ref2", "ref3", "ref4"]
+    assert [(r.first_line, r.last_line, r.row_id) for r in report.images.rejected] == [(3, 3, "i1")]
+    _assert_nothing_lost(report.images, stored)
+
+
+@pytest.mark.parametrize(("table", "broken_line", "reason"), [
+    ("products", _product(1, '"Sofa 6" wide"'), "malformed CSV on line 3: ',' expected after '\"'"),
+    ("products", _product(1, "Sofa, 6 ft wide"), "expected 7 fields, found 8"),
+    ("products", "x1," + _product(1).split(",", 1)[1], "not part of any record"),
+    ("products", _product(1).replace("p1", "p 1", 1), "not part of any record"),
+    ("images", _image(1, '"link1"x'), "malformed CSV on line 3: ',' expected after '\"'"),
+    ("images", _image(1) + ",extra", "expected 6 fields, found 7"),
+    ("images", _image(1).replace("i1", "i/1", 1), "not part of any record"),
+], ids=["malformed-quote", "extra-field", "index-not-a-number", "id-with-a-space",
+        "image-malformed-quote", "image-extra-field", "image-id-with-a-slash"])
+def test_a_line_of_the_wrong_shape_costs_only_itself(table: str, broken_line: str, reason: str,
+                                                     tmp_path: Path) -> None:
+    product_lines = [_product(i) for i in range(4)]
+    image_lines = [_image(i) for i in range(4)]
+    (product_lines if table == "products" else image_lines)[1] = broken_line
+
+    report, stored_products, stored_images = _import_lines(tmp_path, product_lines, image_lines)
+
+    table_report = report.products if table == "products" else report.images
+    assert [(r.first_line, r.last_line) for r in table_report.rejected] == [(3, 3)]
+    assert reason in table_report.rejected[0].reason
+    _assert_products_are_their_own(stored_products, [0, 2, 3] if table == "products" else [0, 1, 2, 3])
+    _assert_nothing_lost(report.products, stored_products)
+    _assert_nothing_lost(report.images, stored_images)
+
+
+def test_multi_line_records_are_kept_up_to_the_limit_and_reading_resumes_after_it(tmp_path: Path) -> None:
+    # p1's description spans lines 3-8 (a blank line inside it); a blank line between records is no record.
+    product_lines = [_product(0), '1,p1,Item 1 | in Leeds | Gumtree,Home & Garden / Sofas,"Comfy sofa', "",
+                     "six feet wide", "blue", "seats three", '",£11.00,Town 1', "", _product(2)]
+
+    report, stored, _ = _import_lines(tmp_path / "default", product_lines, [])
+
+    assert stored.loc["p1", "product_description"] == "Comfy sofa\n\nsix feet wide\nblue\nseats three\n"
+    assert stored.loc["p1", ["price_text", "location"]].tolist() == ["£11.00", "Town 1"]
+    assert (report.products.inserted, report.products.blank_lines, report.products.record_lines) == (3, 1, 8)
+    _assert_nothing_lost(report.products, stored)
+
+    report, stored, _ = _import_lines(tmp_path / "limited", product_lines, [], max_record_lines=3)
+
+    _assert_products_are_their_own(stored, [0, 2])
+    assert [(r.first_line, r.last_line, r.row_id) for r in report.products.rejected] == [(3, 5, "p1"), (6, 8, "")]
+    assert report.products.rejected[0].reason == ("unbalanced quote: a quoted field is still open after 3 lines, "
+                                                  "the most a record may span")
+    assert report.products.rejected[1].reason.startswith("not part of any record")
+    _assert_nothing_lost(report.products, stored)
+    assert "lines 3-5 (id p1): unbalanced quote" in str(report)
+    with pytest.raises(DataConfigError, match="max_record_lines must be at least 1, not 0"):
+        import_csv(tmp_path / "limited" / "products.csv", tmp_path / "limited" / "images.csv",
+                   f"sqlite:///{tmp_path / 'unused.db'}", progress=False, max_record_lines=0)
+
+
+def test_empty_and_blank_categories_are_kept_and_counted_as_unlabelled(tmp_path: Path) -> None:
+    product_lines = [_product(0), _product(1, category=""), _product(2, category="   "), _product(3),
+                     _product(4, category="\r")]
+
+    report, stored, _ = _import_lines(tmp_path, product_lines, [])
+
+    _assert_products_are_their_own(stored, [0, 1, 2, 3, 4])
+    assert stored["category"].isna().tolist() == [False, True, True, False, True]
+    assert report.products.unlabelled == 3
+    assert ("products.csv: 3 product(s) with an empty or blank category, imported unlabelled, with category NULL "
+            "(lines 3, 4, 6)") in report.notes
+    table_rows = str(report).splitlines()[2:4]
+    assert table_rows[0].split()[-2:] == ["3", "5"] and table_rows[1].split()[-2:] == ["-", "0"]
+
+
+def test_a_report_that_does_not_add_up_is_refused_not_printed() -> None:
+    products_table = TableReport("products", "products.csv", physical_lines=4, record_lines=3, records_read=3,
+                                 inserted=2, rejected=[RejectedRow(3, 3, "p1", "expected 7 fields, found 4")])
+    report = ImportReport("sqlite://", products_table, TableReport("images", "images.csv", physical_lines=1))
+    assert "products.csv: 4 lines = 1 header + 0 blank + 3 in records; 3 records = 2 imported + 1 rejected" \
+        in str(report)
+
+    products_table.inserted = 1  # a record neither imported nor rejected
+    with pytest.raises(AssertionError, match=r"3 records = 1 imported \+ 1 rejected"):
+        str(report)
+    products_table.inserted, products_table.physical_lines = 2, 5  # a line in no record
+    with pytest.raises(AssertionError, match=r"5 lines = 1 header \+ 0 blank \+ 3 in records"):
+        str(report)
 
 
 def test_images_of_a_product_already_in_the_database_are_accepted(export_subset: tuple[Path, Path],
@@ -176,7 +373,7 @@ def test_images_of_a_product_already_in_the_database_are_accepted(export_subset:
     report = import_csv(header_only, images_csv, db_url, progress=False)
 
     assert report.images.rejected == []
-    assert report.images.unchanged == report.images.rows_read > 0
+    assert report.images.unchanged == report.images.records_read > 0
 
 
 def test_prices_na_and_unparsable_are_null_with_the_text_kept(tmp_path: Path) -> None:
@@ -194,7 +391,7 @@ def test_prices_na_and_unparsable_are_null_with_the_text_kept(tmp_path: Path) ->
     report = import_csv(products_csv, images_csv, f"sqlite:///{tmp_path / 'market.db'}", progress=False)
 
     assert report.products.inserted == 3
-    assert any("1 unparsable price" in note and "lines 3" in note for note in report.notes)
+    assert any("1 unparsable price" in note and "(line 3)" in note for note in report.notes)
     engine = open_engine(f"sqlite:///{tmp_path / 'market.db'}")
     stored = read_products(engine).set_index("id")
     engine.dispose()
@@ -273,6 +470,9 @@ def test_full_shared_export_keeps_every_row(shared_marketplace: Path, tmp_path: 
     assert report.products.rejected == [] and report.images.rejected == []
     assert report.products.rows_in_database == len(expected_products) == 5724
     assert report.images.rows_in_database == len(expected_images) == 10107
+    for table, path in ((report.products, products_csv), (report.images, images_csv)):
+        assert table.physical_lines == path.read_bytes().count(b"\n") == table.records_read + 1
+    assert report.products.unlabelled == 0
 
 
 def test_script_prints_the_report_and_fails_cleanly(export_subset: tuple[Path, Path], tmp_path: Path) -> None:
@@ -281,7 +481,13 @@ def test_script_prints_the_report_and_fails_cleanly(export_subset: tuple[Path, P
     ok = subprocess.run([*script, "--products", str(products_csv), "--images", str(images_csv),
                          "--db-url", f"sqlite:///{tmp_path / 'market.db'}"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "products" in ok.stdout and f"{N_PRODUCTS}" in ok.stdout
+    assert (f"products.csv: {N_PRODUCTS + 1} lines = 1 header + 0 blank + {N_PRODUCTS} in records; "
+            f"{N_PRODUCTS} records = {N_PRODUCTS} imported + 0 rejected") in ok.stdout
+
+    no_limit = subprocess.run([*script, "--products", str(products_csv), "--images", str(images_csv),
+                               "--max-record-lines", "0"], capture_output=True, text=True)
+    assert no_limit.returncode == 1
+    assert no_limit.stderr.strip() == "error: max_record_lines must be at least 1, not 0"
 
     failed = subprocess.run([*script, "--products", str(tmp_path / "nope.csv"), "--images", str(images_csv)],
                             capture_output=True, text=True)

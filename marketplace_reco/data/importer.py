@@ -2,23 +2,32 @@
 
 The export is read as it is:
 - records end at ``\\n`` only; a bare ``\\r`` is data (the export has them inside unquoted fields)
-  and is stored as it is, cleaning happens later in ``text.clean_listing_text``;
-- the unnamed first column (the old DataFrame index) is ignored;
+  and is stored as it is, cleaning happens later in ``text.clean_listing_text``. Line numbers count
+  ``\\n``-terminated physical lines, the header being line 1;
+- the unnamed first column (the old DataFrame index) holds a whole number and is otherwise ignored;
 - prices like ``£1,250.00`` become numeric pounds in ``price``, ``N/A`` and unparsable prices become
-  NULL, and ``price_text`` keeps the exported text either way;
+  NULL, and ``price_text`` keeps the exported text;
+- an empty or blank category is stored as NULL and the product is counted as unlabelled;
 - dates are dd/mm/yyyy.
+
+No record is lost silently. A record starts on a line that begins with its index (a whole number) and
+its id (letters, digits, ``.``, ``_``, ``-``). A quoted field may run onto the following lines, but
+never into a line that starts a record and never past ``max_record_lines`` lines: a record whose
+quote is still open there is rejected with its lines, and reading resumes with the next line, so an
+unbalanced quote costs only its own record. Lines that are part of no record are rejected as well, and
+so are records with the wrong number of fields, malformed quoting, a duplicated id or a bad date.
+The report accounts for every line (header + blank + lines of records) and every record (imported +
+rejected).
 
 Importing is idempotent: rows are matched on ``id`` and inserted, updated or left unchanged, both tables
 in one transaction, with portable SQL (no dialect-specific upsert) so SQLite and PostgreSQL behave alike.
-Rows already in the database but absent from the files are left alone. Every rejected row is kept in
-the report with its line number and reason.
+Rows already in the database but absent from the files are left alone.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import io
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .._progress import progress_bar
 from .database import describe_db_error, mask_url, open_engine
-from .errors import DatabaseError, ImportFileError
+from .errors import DatabaseError, DataConfigError, ImportFileError
 from .schema import create_schema, images, products
 from .text import decode_bytes
 
@@ -41,41 +50,86 @@ PRODUCT_COLUMNS = ("id", "product_name", "category", "product_description", "pri
 PRODUCT_OPTIONAL_COLUMNS = ("page_id", "create_time")
 IMAGE_COLUMNS = ("id", "product_id", "bucket_link", "image_ref", "create_time")
 
-# Stands in for bare carriage returns while the csv module splits records, which it would do at '\r'.
+#: Most physical lines one record may span. Every record of the real export is a single line, yet its
+#: longest description holds 519 line breaks (as bare ``\\r``, which do not end a line); an export that
+#: wrote them as ``\\n`` would span 520 lines. A quote still open after that many lines is unbalanced.
+MAX_RECORD_LINES = 520
+
+# Stands in for bare carriage returns while the csv module splits fields, which it would end at '\r'.
 _CR_STANDIN = "\ue000"
+# An id is what the image store accepts as a file or object name.
+_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+# A field before the id on a record's first line, quoted (on that line) or not.
+_ANY_FIELD = r'(?:"(?:[^"]|"")*"|[^,"]*)'
 _PRICE = re.compile(r"£?\s*(\d[\d,]*(?:\.\d{1,2})?)")
 _NO_PRICE = {"", "n/a", "na", "-"}
 _BATCH = 1000
-# How many rejected rows __str__ lists per table; the report object keeps them all.
+# How many rejected rows (and line numbers in notes) __str__ lists; the report object keeps them all.
 _SHOWN_REJECTS = 20
+_SHOWN_LINES = 10
+
+
+def _where(first_line: int, last_line: int) -> str:
+    """``line 7`` or ``lines 7-9``."""
+    return f"line {first_line}" if first_line == last_line else f"lines {first_line}-{last_line}"
 
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """One row that was not imported: its line in the file, its id when it has one, and why."""
+    """One record that was not imported: its physical lines in the file, its id when it has one, and why."""
 
-    line: int
+    first_line: int
+    last_line: int
     row_id: str
     reason: str
+
+    @property
+    def where(self) -> str:
+        return _where(self.first_line, self.last_line)
 
 
 @dataclass
 class TableReport:
-    """What happened to one file's rows. ``rows_read == inserted + updated + unchanged + len(rejected)``."""
+    """What happened to one file's lines and records; ``check()`` verifies that they add up.
+
+    ``physical_lines == 1 (header) + blank_lines + record_lines`` and
+    ``records_read == inserted + updated + unchanged + len(rejected)``; ``unlabelled`` (products only)
+    counts imported products whose category is empty or blank.
+    """
 
     table: str
     source: str
-    rows_read: int = 0
+    physical_lines: int = 0
+    blank_lines: int = 0
+    record_lines: int = 0
+    records_read: int = 0
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
     rejected: list[RejectedRow] = field(default_factory=list)
+    unlabelled: int | None = None
     rows_in_database: int = 0
+
+    @property
+    def imported(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
+    def reconciliation(self) -> str:
+        """The two sums as one sentence, e.g. for a summary."""
+        return (f"{Path(self.source).name}: {self.physical_lines:,} lines = 1 header + {self.blank_lines:,} blank + "
+                f"{self.record_lines:,} in records; {self.records_read:,} records = {self.imported:,} imported + "
+                f"{len(self.rejected):,} rejected")
+
+    def check(self) -> None:
+        """Raise AssertionError when the lines or the records do not add up: a record would be lost unseen."""
+        if (self.physical_lines != 1 + self.blank_lines + self.record_lines
+                or self.records_read != self.imported + len(self.rejected)):
+            raise AssertionError(f"import report does not add up: {self.reconciliation()}")
 
 
 @dataclass
 class ImportReport:
-    """Counts per table, every rejected row with its reason, and notes (e.g. unparsable prices kept as NULL)."""
+    """Counts per table, every rejected record with its lines and reason, and notes (e.g. unparsable prices)."""
 
     database: str
     products: TableReport
@@ -83,22 +137,28 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        header = ("table", "rows read", "inserted", "updated", "unchanged", "rejected", "now in database")
+        tables = (self.products, self.images)
+        for table in tables:
+            table.check()
+        header = ("table", "lines", "records read", "inserted", "updated", "unchanged", "rejected", "unlabelled",
+                  "now in database")
         rows = [header] + [
-            (t.table, *(f"{n:,}" for n in (t.rows_read, t.inserted, t.updated, t.unchanged, len(t.rejected),
-                                           t.rows_in_database)))
-            for t in (self.products, self.images)
+            (t.table, *(f"{n:,}" for n in (t.physical_lines, t.records_read, t.inserted, t.updated, t.unchanged,
+                                           len(t.rejected))),
+             "-" if t.unlabelled is None else f"{t.unlabelled:,}", f"{t.rows_in_database:,}")
+            for t in tables
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [f"Import into {self.database}"]
         lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                   for row in rows]
-        for table in (self.products, self.images):
+        lines += [table.reconciliation() for table in tables]
+        for table in tables:
             if not table.rejected:
                 continue
             lines.append(f"Rejected from {table.source}:")
             for row in table.rejected[:_SHOWN_REJECTS]:
-                lines.append(f"  line {row.line} (id {row.row_id or '-'}): {row.reason}")
+                lines.append(f"  {row.where} (id {row.row_id or '-'}): {row.reason}")
             if len(table.rejected) > _SHOWN_REJECTS:
                 lines.append(f"  ... and {len(table.rejected) - _SHOWN_REJECTS:,} more; by reason:")
                 for reason, count in Counter(_reason_kind(r.reason) for r in table.rejected).most_common():
@@ -107,36 +167,56 @@ class ImportReport:
         return "\n".join(lines)
 
     def write_rejected_csv(self, path: str | Path) -> None:
-        """Every rejected row of both files as CSV (file, line, id, reason)."""
+        """Every rejected record of both files as CSV (file, first_line, last_line, id, reason)."""
         with Path(path).open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(("file", "line", "id", "reason"))
+            writer.writerow(("file", "first_line", "last_line", "id", "reason"))
             for table in (self.products, self.images):
-                writer.writerows((table.source, r.line, r.row_id, r.reason) for r in table.rejected)
+                writer.writerows((table.source, r.first_line, r.last_line, r.row_id, r.reason)
+                                 for r in table.rejected)
 
 
 def _reason_kind(reason: str) -> str:
     """The reason without its row-specific values (quoted ids and dates, line numbers), to count by kind."""
-    return re.sub(r"line \d+", "line N", re.sub(r"'[^']*'", "'...'", reason))
+    return re.sub(r"lines? \d+(?:-\d+)?", "line N", re.sub(r"'[^']*'", "'...'", reason))
+
+
+def _line_list(line_numbers: Sequence[int]) -> str:
+    """``lines 3, 8, ...`` with at most ``_SHOWN_LINES`` numbers."""
+    shown = ", ".join(map(str, line_numbers[:_SHOWN_LINES]))
+    return f"line{'s' if len(line_numbers) > 1 else ''} {shown}{', ...' if len(line_numbers) > _SHOWN_LINES else ''}"
+
+
+@dataclass(frozen=True)
+class _Record:
+    """The physical lines of one record (1-based, inclusive), its id, and its fields or why it has none."""
+
+    first_line: int
+    last_line: int
+    row_id: str
+    fields: list[str]
+    problem: str | None = None
 
 
 @dataclass
 class _Records:
-    """A CSV file split into records: header names and (first line number, fields) per record."""
+    """A CSV file split into records, with what is needed to account for every line."""
 
     path: Path
     header: list[str]
-    rows: list[tuple[int, list[str]]]
+    columns: dict[str, int]
+    records: list[_Record]
+    physical_lines: int
+    blank_lines: int
     notes: list[str]
 
 
-def _read_records(path: Path) -> _Records:
-    """Split ``path`` into records at ``\\n`` only, keeping bare ``\\r`` inside fields."""
+def _read_text(path: Path, notes: list[str]) -> str:
+    """The file as text with ``\\n`` line ends; invalid UTF-8 and NUL characters are noted, never fatal."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ImportFileError(f"cannot read CSV file {path}: {exc.strerror or exc}") from exc
-    notes: list[str] = []
     raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         text = raw.decode("utf-8")
@@ -150,34 +230,104 @@ def _read_records(path: Path) -> _Records:
         text = text.replace("\x00", "")
     if _CR_STANDIN in text:
         raise ImportFileError(f"{path}: contains the private-use character U+E000 the importer relies on")
-    text = text.replace("\r\n", "\n").replace("\r", _CR_STANDIN)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    records: list[tuple[int, list[str]]] = []
-    header: list[str] | None = None
-    next_line = 1
-    for fields in reader:
-        first_line, next_line = next_line, reader.line_num + 1
-        fields = [value.replace(_CR_STANDIN, "\r") for value in fields]
-        if header is None:
-            header = [name.strip() for name in fields]
-        elif any(value.strip() for value in fields):  # blank lines carry no data
-            records.append((first_line, fields))
-    if header is None:
-        raise ImportFileError(f"CSV file {path} is empty")
-    return _Records(path, header, records, notes)
+    return text.replace("\r\n", "\n")
 
 
-def _column_positions(records: _Records, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, int]:
+def _column_positions(path: Path, header: list[str], required: Sequence[str], optional: Sequence[str],
+                      notes: list[str]) -> dict[str, int]:
     """Index of each known column in the header; a missing required column is an error naming the file."""
-    positions = {name: i for i, name in enumerate(records.header) if name}
+    positions = {name: i for i, name in enumerate(header) if name}
     missing = [name for name in required if name not in positions]
     if missing:
-        raise ImportFileError(f"{records.path}: missing column(s) {', '.join(missing)}; "
-                              f"found {', '.join(repr(h) for h in records.header)}")
+        raise ImportFileError(f"{path}: missing column(s) {', '.join(missing)}; "
+                              f"found {', '.join(repr(h) for h in header)}")
     ignored = sorted(set(positions) - set(required) - set(optional))
     if ignored:
-        records.notes.append(f"{records.path.name}: ignored unknown column(s) {', '.join(ignored)}")
+        notes.append(f"{path.name}: ignored unknown column(s) {', '.join(ignored)}")
     return {name: positions[name] for name in (*required, *optional) if name in positions}
+
+
+def _record_start(header: list[str], id_position: int) -> re.Pattern[str]:
+    """What the first line of a record looks like: the fields up to the id, each of its expected shape.
+
+    An unnamed column (the index) holds a whole number, the id is one of ``_ID``; either may be quoted.
+    """
+    before_id = [r'(?:"\d+"|\d+)' if not name else _ANY_FIELD for name in header[:id_position]]
+    return re.compile(",".join([*before_id, rf'(?P<quote>"?)(?P<id>{_ID})(?P=quote)']) + "(?:,|$)")
+
+
+def _parse_record(lines: list[str], first: int, starts_record: re.Pattern[str],
+                  max_record_lines: int) -> tuple[list[str], int, str | None]:
+    """Fields of the record whose first line is ``lines[first]`` (0-based), the index past its last line, and
+    why it could not be parsed (no fields then; None when it could).
+
+    A quoted field may continue onto the next line unless that line starts a record or the record would span
+    more than ``max_record_lines`` lines.
+    """
+    line = lines[first]
+    if '"' not in line:  # nothing can continue a field, and csv would split the line just so
+        return line.split(","), first + 1, None
+    still_open: str | None = None
+
+    def physical_lines() -> Iterator[str]:
+        nonlocal still_open
+        # The csv reader asks for a next line only while a quoted field is still open.
+        for k in range(first, len(lines)):
+            if k > first and starts_record.match(lines[k]):
+                still_open = (f"unbalanced quote: a quoted field is still open at the end of line {k}, "
+                              f"and line {k + 1} starts a new record")
+                return
+            if k - first == max_record_lines:
+                still_open = (f"unbalanced quote: a quoted field is still open after {max_record_lines} lines, "
+                              "the most a record may span")
+                return
+            yield lines[k].replace("\r", _CR_STANDIN) + "\n"
+        still_open = "unbalanced quote: a quoted field is still open at the end of the file"
+
+    reader = csv.reader(physical_lines(), strict=True)
+    try:
+        fields = next(reader)
+    except csv.Error as exc:
+        end = first + reader.line_num  # past the last line read, and that line's 1-based number
+        return [], end, still_open or f"malformed CSV on line {end}: {exc}"
+    return [value.replace(_CR_STANDIN, "\r") for value in fields], first + reader.line_num, None
+
+
+def _read_records(path: Path, required: Sequence[str], optional: Sequence[str] = (), *,
+                  max_record_lines: int) -> _Records:
+    """Split ``path`` into records (see the module docstring), every physical line accounted for."""
+    notes: list[str] = []
+    lines = _read_text(path, notes).split("\n")
+    if lines[-1] == "":  # the line break that ends the last line opens no new line
+        lines.pop()
+    if not lines:
+        raise ImportFileError(f"CSV file {path} is empty")
+    try:
+        header = [name.strip() for name in next(csv.reader([lines[0]], strict=True))]
+    except csv.Error as exc:
+        raise ImportFileError(f"{path}: cannot read the header (line 1): {exc}") from exc
+    columns = _column_positions(path, header, required, optional, notes)
+    starts_record = _record_start(header, columns["id"])
+    records: list[_Record] = []
+    blank_lines = 0
+    k = 1
+    while k < len(lines):
+        if not lines[k].strip():
+            blank_lines += 1
+            k += 1
+            continue
+        start = starts_record.match(lines[k])
+        if start is None:
+            end = k + 1
+            while end < len(lines) and lines[end].strip() and not starts_record.match(lines[end]):
+                end += 1
+            records.append(_Record(k + 1, end, "", [], "not part of any record: a record's first line starts "
+                                                         "with its index (a whole number) and its id"))
+        else:
+            fields, end, problem = _parse_record(lines, k, starts_record, max_record_lines)
+            records.append(_Record(k + 1, end, start["id"], fields, problem))
+        k = end
+    return _Records(path, header, columns, records, len(lines), blank_lines, notes)
 
 
 def _blank_to_none(value: str | None) -> str | None:
@@ -197,54 +347,57 @@ def parse_date(text: str) -> date | None:
 
 
 class _RowChecker:
-    """Rejects rows with a wrong field count, an empty or duplicated id; remembers where ids were seen."""
+    """Counts every record of a file and rejects the unparsed, those with a wrong field count or a duplicated id."""
 
-    def __init__(self, records: _Records, columns: dict[str, int], report: TableReport) -> None:
+    def __init__(self, records: _Records, report: TableReport) -> None:
         self.records = records
-        self.columns = columns
         self.report = report
         self.first_seen: dict[str, int] = {}
+        report.physical_lines = records.physical_lines
+        report.blank_lines = records.blank_lines
 
-    def rows(self) -> Iterator[tuple[int, dict[str, str]]]:
+    def rows(self) -> Iterator[tuple[_Record, dict[str, str]]]:
         n_fields = len(self.records.header)
-        for line, fields in self.records.rows:
-            self.report.rows_read += 1
-            row_id = fields[self.columns["id"]].strip() if len(fields) > self.columns["id"] else ""
-            if len(fields) != n_fields:
-                self.reject(line, row_id, f"expected {n_fields} fields, found {len(fields)}")
-            elif not row_id:
-                self.reject(line, row_id, "empty id")
-            elif row_id in self.first_seen:
-                self.reject(line, row_id, f"duplicate id, first seen on line {self.first_seen[row_id]}")
+        for record in self.records.records:
+            self.report.records_read += 1
+            self.report.record_lines += record.last_line - record.first_line + 1
+            if record.problem is not None:
+                self.reject(record, record.problem)
+            elif len(record.fields) != n_fields:
+                self.reject(record, f"expected {n_fields} fields, found {len(record.fields)}")
+            elif record.row_id in self.first_seen:
+                self.reject(record, f"duplicate id, first seen on line {self.first_seen[record.row_id]}")
             else:
-                self.first_seen[row_id] = line
-                values = {name: fields[i] for name, i in self.columns.items()}
-                values["id"] = row_id
-                yield line, values
+                self.first_seen[record.row_id] = record.first_line
+                yield record, {name: record.fields[i] for name, i in self.records.columns.items()}
 
-    def reject(self, line: int, row_id: str, reason: str) -> None:
-        self.report.rejected.append(RejectedRow(line, row_id, reason))
+    def reject(self, record: _Record, reason: str) -> None:
+        self.report.rejected.append(RejectedRow(record.first_line, record.last_line, record.row_id, reason))
 
 
-def _product_rows(records: _Records, columns: dict[str, int], report: TableReport,
-                  notes: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Database rows from products.csv, and the line of every rejected id (to explain its images' rejection)."""
-    checker = _RowChecker(records, columns, report)
+def _product_rows(records: _Records, report: TableReport,
+                  notes: list[str]) -> tuple[list[dict[str, Any]], dict[str, RejectedRow]]:
+    """Database rows from products.csv, and every rejected product by id (to explain its images' rejection)."""
+    checker = _RowChecker(records, report)
     rows: list[dict[str, Any]] = []
     unparsable_prices: list[int] = []
-    for line, values in checker.rows():
+    unlabelled: list[int] = []
+    for record, values in checker.rows():
         try:
             created = parse_date(values.get("create_time", ""))
         except ValueError:
-            checker.reject(line, values["id"], f"create_time {values['create_time']!r} is not a dd/mm/yyyy date")
+            checker.reject(record, f"create_time {values['create_time']!r} is not a dd/mm/yyyy date")
             continue
         price = parse_price(values["price"])
         if price is None and values["price"].strip().lower() not in _NO_PRICE:
-            unparsable_prices.append(line)
+            unparsable_prices.append(record.first_line)
+        category = _blank_to_none(values["category"])
+        if category is None:
+            unlabelled.append(record.first_line)
         rows.append({
-            "id": values["id"],
+            "id": record.row_id,
             "product_name": values["product_name"],
-            "category": _blank_to_none(values["category"]),
+            "category": category,
             "product_description": values["product_description"],
             "price": price,
             "price_text": _blank_to_none(values["price"]),
@@ -254,40 +407,43 @@ def _product_rows(records: _Records, columns: dict[str, int], report: TableRepor
         })
     if unparsable_prices:
         notes.append(f"{records.path.name}: {len(unparsable_prices):,} unparsable price(s) stored as NULL with the "
-                     f"text kept in price_text (lines {', '.join(map(str, unparsable_prices[:10]))}"
-                     f"{', ...' if len(unparsable_prices) > 10 else ''})")
+                     f"text kept in price_text ({_line_list(unparsable_prices)})")
+    report.unlabelled = len(unlabelled)
+    if unlabelled:
+        notes.append(f"{records.path.name}: {len(unlabelled):,} product(s) with an empty or blank category, "
+                     f"imported unlabelled, with category NULL ({_line_list(unlabelled)})")
     accepted = {row["id"] for row in rows}
-    rejected_lines = {r.row_id: r.line for r in report.rejected if r.row_id and r.row_id not in accepted}
-    return rows, rejected_lines
+    rejected = {r.row_id: r for r in report.rejected if r.row_id and r.row_id not in accepted}
+    return rows, rejected
 
 
-def _image_rows(conn: Connection, records: _Records, columns: dict[str, int], report: TableReport,
-                csv_products: set[str], rejected_products: dict[str, int], products_file: str) -> list[dict[str, Any]]:
+def _image_rows(conn: Connection, records: _Records, report: TableReport, csv_products: set[str],
+                rejected_products: dict[str, RejectedRow], products_file: str) -> list[dict[str, Any]]:
     """Database rows from images.csv; images whose product is neither imported nor in the database are rejected."""
-    checker = _RowChecker(records, columns, report)
-    candidates = [(line, values, values["product_id"].strip()) for line, values in checker.rows()]
+    checker = _RowChecker(records, report)
+    candidates = [(record, values, values["product_id"].strip()) for record, values in checker.rows()]
     known = csv_products | _existing_ids(
         conn, products, sorted({pid for _, _, pid in candidates if pid and pid not in csv_products}))
     rows: list[dict[str, Any]] = []
-    for line, values, product_id in candidates:
+    for record, values, product_id in candidates:
         if not product_id:
-            checker.reject(line, values["id"], "empty product_id")
+            checker.reject(record, "empty product_id")
             continue
         if product_id not in known:
             if product_id in rejected_products:
-                line_of_product = rejected_products[product_id]
-                reason = f"its product {product_id!r} was rejected ({products_file} line {line_of_product})"
+                reason = (f"its product {product_id!r} was rejected "
+                          f"({products_file} {rejected_products[product_id].where})")
             else:
                 reason = f"product_id {product_id!r} is neither in {products_file} nor in the database"
-            checker.reject(line, values["id"], reason)
+            checker.reject(record, reason)
             continue
         try:
             created = parse_date(values["create_time"])
         except ValueError:
-            checker.reject(line, values["id"], f"create_time {values['create_time']!r} is not a dd/mm/yyyy date")
+            checker.reject(record, f"create_time {values['create_time']!r} is not a dd/mm/yyyy date")
             continue
         rows.append({
-            "id": values["id"],
+            "id": record.row_id,
             "product_id": product_id,
             "bucket_link": _blank_to_none(values["bucket_link"]),
             "image_ref": _blank_to_none(values["image_ref"]),
@@ -333,17 +489,20 @@ def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], report: 
 
 
 def import_csv(products_csv: str | Path, images_csv: str | Path, db_url: str | None = None, *,
-               progress: bool = True) -> ImportReport:
+               progress: bool = True, max_record_lines: int = MAX_RECORD_LINES) -> ImportReport:
     """Import the two CSV files into ``db_url`` (None: ``settings.default_db_url()``); see the module docstring.
 
-    Raises ``ImportFileError`` for an unreadable file or missing columns (nothing is written then) and
+    ``max_record_lines`` is the most physical lines one record may span (a quoted field still open after
+    that many lines is an unbalanced quote). Raises ``DataConfigError`` for a limit below 1,
+    ``ImportFileError`` for an unreadable file or missing columns (nothing is written then) and
     ``DatabaseError`` when the database fails (the transaction is rolled back).
     """
-    product_records = _read_records(Path(products_csv))
-    image_records = _read_records(Path(images_csv))
-    # Both headers are checked before the database is touched.
-    product_columns = _column_positions(product_records, PRODUCT_COLUMNS, PRODUCT_OPTIONAL_COLUMNS)
-    image_columns = _column_positions(image_records, IMAGE_COLUMNS)
+    if max_record_lines < 1:
+        raise DataConfigError(f"max_record_lines must be at least 1, not {max_record_lines}")
+    product_records = _read_records(Path(products_csv), PRODUCT_COLUMNS, PRODUCT_OPTIONAL_COLUMNS,
+                                    max_record_lines=max_record_lines)
+    image_records = _read_records(Path(images_csv), IMAGE_COLUMNS, max_record_lines=max_record_lines)
+    # Both headers have been checked before the database is touched.
     engine = open_engine(db_url, create=True)
     shown = mask_url(engine.url)
     report = ImportReport(
@@ -352,14 +511,14 @@ def import_csv(products_csv: str | Path, images_csv: str | Path, db_url: str | N
         images=TableReport("images", str(image_records.path)),
         notes=product_records.notes + image_records.notes,
     )
-    product_rows, rejected_products = _product_rows(product_records, product_columns, report.products, report.notes)
+    product_rows, rejected_products = _product_rows(product_records, report.products, report.notes)
     table = "products"
     try:
         create_schema(engine)
         with engine.begin() as conn:
             _upsert(conn, products, product_rows, report.products, progress)
-            image_rows = _image_rows(conn, image_records, image_columns, report.images,
-                                     {row["id"] for row in product_rows}, rejected_products, product_records.path.name)
+            image_rows = _image_rows(conn, image_records, report.images, {row["id"] for row in product_rows},
+                                     rejected_products, product_records.path.name)
             table = "images"
             _upsert(conn, images, image_rows, report.images, progress)
             for table_report, table_obj in ((report.products, products), (report.images, images)):
@@ -369,4 +528,7 @@ def import_csv(products_csv: str | Path, images_csv: str | Path, db_url: str | N
                             f"(nothing was written): {describe_db_error(exc)}") from exc
     finally:
         engine.dispose()
+    for table_report in (report.products, report.images):
+        table_report.rejected.sort(key=lambda r: r.first_line)
+        table_report.check()
     return report

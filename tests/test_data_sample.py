@@ -122,7 +122,7 @@ def test_script_writes_the_sample_and_reports_errors_in_one_line(tmp_path: Path)
     assert refused.stderr.startswith("error: database sqlite:///") and refused.stderr.count("\n") == 1
 
 
-def _photo_features(marketplace: Marketplace, image_ids: list[str]) -> np.ndarray:
+def _image_features(marketplace: Marketplace, image_ids: list[str]) -> np.ndarray:
     """HOG of the grey 32 px photo (shape, texture) plus a 4x4 colour thumbnail (hue)."""
     rows = []
     for photo in marketplace.load_images(image_ids):
@@ -142,8 +142,8 @@ def test_text_and_photos_each_informative_and_better_together(tmp_path_factory: 
     tfidf = TfidfVectorizer(analyzer=TextPreprocessor().tokenize).fit(frames["train"]["text"])
     text = {name: tfidf.transform(frame["text"]).toarray() for name, frame in frames.items()}
     scaler = StandardScaler()
-    photo = {"train": scaler.fit_transform(_photo_features(parts["train"], frames["train"]["image_id"].tolist()))}
-    photo["test"] = scaler.transform(_photo_features(parts["test"], frames["test"]["image_id"].tolist()))
+    photo = {"train": scaler.fit_transform(_image_features(parts["train"], frames["train"]["image_id"].tolist()))}
+    photo["test"] = scaler.transform(_image_features(parts["test"], frames["test"]["image_id"].tolist()))
     # Weights put the two feature sets on a comparable scale (hundreds of HOG values vs a sparse tf-idf row).
     both = {name: np.hstack([0.2 * photo[name], 3.0 * text[name]]) for name in frames}
 

@@ -20,7 +20,7 @@ from marketplace_reco.models.image_classifier import ImageClassifier
 from marketplace_reco.models.text_cnn import TextCNN
 from marketplace_reco.training import FeatureCache, evaluate_model
 from marketplace_reco.training.fusion import FusionTrainConfig, _FromParts, _fusion_batches, train
-from marketplace_reco.training.image_data import SplitPhotos
+from marketplace_reco.training.image_data import SplitImages
 from marketplace_reco.training.word2vec import train_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_frozen_branches_stay_unchanged_and_are_cached(splits: dict[str, Marketp
     head_before = _snapshot(model.head)
     with FeatureCache(spill_dir=tmp_path) as cache:
         result = train(model, splits, FusionTrainConfig(epochs=2, patience=2), cache=cache)
-        n_photos = len(SplitPhotos.from_split(splits["train"], "train").image_ids)
+        n_photos = len(SplitImages.from_split(splits["train"], "train").image_ids)
         n_products = len(splits["train"].products)
         # One image-feature vector per photo and one text-feature vector per product, for both splits.
         assert len(cache) > n_photos + n_products
@@ -104,7 +104,7 @@ def test_unfrozen_branches_are_fine_tuned(splits: dict[str, Marketplace], branch
 def test_cached_inputs_give_the_same_logits_as_raw_inputs(splits: dict[str, Marketplace],
                                                           branch_folders: dict[str, Path], tmp_path: Path) -> None:
     val = splits["val"]
-    photos = SplitPhotos.from_split(val, "validation")
+    photos = SplitImages.from_split(val, "validation")
     for unfrozen in ([], ["image", "text"]):
         model = _fusion(branch_folders, unfrozen=unfrozen).eval()
         with FeatureCache(spill_dir=tmp_path) as cache:
@@ -135,7 +135,7 @@ def test_checkpoint_is_self_contained_and_records_its_branches(splits: dict[str,
     assert config["unfrozen"] == ["text"] and config["image_config"]["backbone"] == "test_resnet"
 
     test = splits["test"]
-    photos = SplitPhotos.from_split(test, "test")
+    photos = SplitImages.from_split(test, "test")
     ids = photos.image_ids[:5]
     texts = test.products.set_index("product_id").loc[photos.image_products[:5], "text"].tolist()
     for i, image in enumerate(test.load_images(ids)):

@@ -22,7 +22,6 @@ from huggingface_hub import constants
 
 from fake_hf_hub import FakeHub
 from marketplace_reco.models import CheckpointError, CheckpointNotFoundError, HubError, create_model, load_model
-from marketplace_reco.models.hog_svm import HogSvmClassifier
 from marketplace_reco.models._hub import (
     HuggingFaceHub,
     LocalHub,
@@ -32,6 +31,7 @@ from marketplace_reco.models._hub import (
     push_checkpoint,
     resolve_checkpoint,
 )
+from marketplace_reco.models.hog_svm import HogSvmClassifier
 from marketplace_reco.training.hog_svm import fit
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -3,7 +3,6 @@ training with and without the feature cache, and the training script's error for
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from marketplace_reco.models import ModelConfigError, load_model
 from marketplace_reco.models.image_classifier import ImageClassifier, PretrainedWeightsError
 from marketplace_reco.training import FeatureCache, evaluate_model
 from marketplace_reco.training.image_classifier import ImageTrainConfig, train
-from marketplace_reco.training.image_data import SplitPhotos, augment_batch
+from marketplace_reco.training.image_data import SplitImages, augment_batch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bikes", "chairs", "phones"]
@@ -193,8 +192,8 @@ def test_cached_and_uncached_training_learn_the_same(sample_marketplace: Marketp
         with FeatureCache(spill_dir=tmp_path) as cache:
             result = train(model, splits, ImageTrainConfig(epochs=2, patience=2, batch_size=16, cache=use_cache),
                            cache=cache)
-            assert len(cache) == (len(SplitPhotos.from_split(splits["train"], "t").image_ids)
-                                  + len(SplitPhotos.from_split(splits["val"], "v").image_ids) if use_cache else 0)
+            assert len(cache) == (len(SplitImages.from_split(splits["train"], "t").image_ids)
+                                  + len(SplitImages.from_split(splits["val"], "v").image_ids) if use_cache else 0)
         histories.append(result.history)
     for cached, uncached in zip(*histories):
         assert cached["train_loss"] == pytest.approx(uncached["train_loss"], rel=1e-3)
@@ -209,7 +208,7 @@ def test_augmented_training_and_per_product_evaluation(sample_marketplace: Marke
     assert len(result.history) == 1 and not model.training
     assert not torch.equal(before, model.backbone.conv1[0].weight)  # the whole network trained
     metrics = evaluate_model(model, splits["test"])
-    photos = SplitPhotos.from_split(splits["test"], "test")
+    photos = SplitImages.from_split(splits["test"], "test")
     assert metrics["unit"] == "products" and metrics["n_samples"] == len(photos.product_ids)
     assert metrics["per_image"]["n_samples"] == len(photos.image_ids) > len(photos.product_ids)
 

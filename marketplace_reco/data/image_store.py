@@ -28,8 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from .._progress import progress_bar
 from ..settings import cache_dir, default_image_location, s3_client
 from .errors import ImageNotFoundError, ImageStoreError, ImageStoreUnreachableError, InvalidImageIdError
+from .schema import ID_PATTERN
 
-_IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_IMAGE_ID = re.compile(ID_PATTERN)
 _SUFFIX = ".jpg"
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 

@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .._progress import progress_bar
 from .database import describe_db_error, mask_url, open_engine
 from .errors import DatabaseError, DataConfigError, ImportFileError
-from .schema import create_schema, images, products
+from .schema import ID_PATTERN, create_schema, images, products
 from .text import decode_bytes
 
 PRODUCT_COLUMNS = ("id", "product_name", "category", "product_description", "price", "location")
@@ -57,8 +57,6 @@ MAX_RECORD_LINES = 520
 
 # Stands in for bare carriage returns while the csv module splits fields, which it would end at '\r'.
 _CR_STANDIN = "\ue000"
-# An id is what the image store accepts as a file or object name.
-_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 # A field before the id on a record's first line, quoted (on that line) or not.
 _ANY_FIELD = r'(?:"(?:[^"]|"")*"|[^,"]*)'
 _PRICE = re.compile(r"£?\s*(\d[\d,]*(?:\.\d{1,2})?)")
@@ -250,10 +248,10 @@ def _column_positions(path: Path, header: list[str], required: Sequence[str], op
 def _record_start(header: list[str], id_position: int) -> re.Pattern[str]:
     """What the first line of a record looks like: the fields up to the id, each of its expected shape.
 
-    An unnamed column (the index) holds a whole number, the id is one of ``_ID``; either may be quoted.
+    An unnamed column (the index) holds a whole number, the id is one of ``schema.ID_PATTERN``; either may be quoted.
     """
     before_id = [r'(?:"\d+"|\d+)' if not name else _ANY_FIELD for name in header[:id_position]]
-    return re.compile(",".join([*before_id, rf'(?P<quote>"?)(?P<id>{_ID})(?P=quote)']) + "(?:,|$)")
+    return re.compile(",".join([*before_id, rf'(?P<quote>"?)(?P<id>{ID_PATTERN})(?P=quote)']) + "(?:,|$)")
 
 
 def _parse_record(lines: list[str], first: int, starts_record: re.Pattern[str],

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from sqlalchemy import Column, Date, Engine, ForeignKey, MetaData, Numeric, String, Table, Text
 
-# UUIDs in the users' data; 64 leaves room for other id schemes without a migration.
+#: The ids a product or an image may have: they become file and object names of the image store, so nothing that
+#: could leave a folder or a key prefix (no "/", no leading "."). UUIDs in the users' data.
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+# 64 characters leave room for other id schemes than UUIDs without a migration.
 _ID = String(64)
 
 metadata = MetaData()

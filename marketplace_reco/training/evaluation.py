@@ -15,15 +15,15 @@ import numpy as np
 
 from ..data.dataset import Marketplace
 from ..models import CheckpointMixin
-from .image_data import SplitPhotos, photo_chunks
+from .image_data import SplitImages, image_chunks
 from .metrics import evaluate
 
 
 def evaluate_images(model: CheckpointMixin, split: Marketplace, name: str = "test") -> dict[str, Any]:
     """Per-product metrics of a photo model (a product's photos' probabilities averaged)."""
-    photos = SplitPhotos.from_split(split, name)
+    photos = SplitImages.from_split(split, name)
     proba = np.concatenate([model.predict_proba(images=images)
-                            for images in photo_chunks(split.image_store, photos.image_ids, desc=f"predict {name}")])
+                            for images in image_chunks(split.image_store, photos.image_ids, desc=f"predict {name}")])
     return photos.evaluate(proba, model.classes, name)
 
 
@@ -39,10 +39,10 @@ def evaluate_texts(model: CheckpointMixin, split: Marketplace, name: str = "test
 
 def evaluate_listings(model: CheckpointMixin, split: Marketplace, name: str = "test") -> dict[str, Any]:
     """Per-product metrics of a photo + text model: each photo with its product's text, averaged per product."""
-    photos = SplitPhotos.from_split(split, name)
+    photos = SplitImages.from_split(split, name)
     texts = split.product_texts(photos.image_products)
     chunks, start = [], 0
-    for images in photo_chunks(split.image_store, photos.image_ids, desc=f"predict {name}"):
+    for images in image_chunks(split.image_store, photos.image_ids, desc=f"predict {name}"):
         chunks.append(model.predict_proba(images=images, texts=texts[start:start + len(images)]))
         start += len(images)
     return photos.evaluate(np.concatenate(chunks), model.classes, name)

@@ -14,7 +14,7 @@ from ..models.image_classifier import INFERENCE_BATCH_SIZE
 from .distributed import DistributedContext, single_process_context, wrap_model
 from .feature_cache import FeatureCache, cache_or_new, state_fingerprint
 from .image_classifier import cache_trunk_outputs
-from .image_data import CachedBatches, SplitPhotos, batch_loader, load_pixels
+from .image_data import CachedBatches, SplitImages, batch_loader, load_pixels
 from .loop import fit, one_cycle_adamw
 from .runs import TrainResult
 
@@ -56,7 +56,7 @@ class _FromParts(nn.Module):
         return model.fuse(image, text)
 
 
-def _image_parts(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
+def _image_parts(model: FusionClassifier, split: Marketplace, photos: SplitImages, cache: FeatureCache,
                  name: str) -> tuple[tuple[str, list[str]], int]:
     """Cache the image branch's inputs for ``photos``: feature vectors (frozen) or its trunk's outputs (unfrozen)."""
     branch = model.image_branch
@@ -77,7 +77,7 @@ def _image_parts(model: FusionClassifier, split: Marketplace, photos: SplitPhoto
     return (fingerprint, photos.image_ids), 1
 
 
-def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitPhotos, cache: FeatureCache,
+def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitImages, cache: FeatureCache,
                     name: str) -> tuple[CachedBatches, int]:
     """One sample per photo: the photo with its product's text; frozen branches' features come from ``cache``."""
     image_part, n_image_inputs = _image_parts(model, split, photos, cache, name)
@@ -106,8 +106,8 @@ def train(model: FusionClassifier, splits: dict[str, Marketplace], config: Fusio
     context = context or single_process_context(model.head[1].weight.device)
     model.to(context.device)
     train_split, val_split = splits["train"], splits["val"]
-    train_photos = SplitPhotos.from_split(train_split, "train").shard(context.rank, context.world_size, pad=True)
-    val_photos = SplitPhotos.from_split(val_split, "validation").shard(context.rank, context.world_size, pad=False)
+    train_photos = SplitImages.from_split(train_split, "train").shard(context.rank, context.world_size, pad=True)
+    val_photos = SplitImages.from_split(val_split, "validation").shard(context.rank, context.world_size, pad=False)
     optimizer, scheduler = one_cycle_adamw(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         total_steps=config.epochs * -(-len(train_photos.image_ids) // config.batch_size))

@@ -19,7 +19,7 @@ from ..models.errors import ModelConfigError
 from ..models.hog_svm import HogSvmClassifier
 from .calibration import fit_temperature
 from .distributed import DistributedContext
-from .image_data import SplitPhotos
+from .image_data import SplitImages
 from .runs import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _fit_parts(model: HogSvmClassifier, features: np.ndarray, labels: Sequence[i
     return scaler, svm, fit_temperature(model.decision_scores(val_features), np.asarray(val_labels))
 
 
-def _photo_features(model: HogSvmClassifier, split: Marketplace, photos: SplitPhotos) -> np.ndarray:
+def _split_features(model: HogSvmClassifier, split: Marketplace, photos: SplitImages) -> np.ndarray:
     encoded = split.image_store.get_many(photos.image_ids, progress=True)
     return model.extract_features([encoded[image_id] for image_id in photos.image_ids])
 
@@ -74,9 +74,9 @@ def train(model: HogSvmClassifier, splits: dict[str, Marketplace], config: HogSv
     """
     if not config.C_values:
         raise ModelConfigError("C_values is empty: give at least one SVM regularisation value")
-    photos = {name: SplitPhotos.from_split(splits[name], name) for name in ("train", "val")}
+    photos = {name: SplitImages.from_split(splits[name], name) for name in ("train", "val")}
     started = time.perf_counter()
-    features = {name: _photo_features(model, splits[name], split_photos) for name, split_photos in photos.items()}
+    features = {name: _split_features(model, splits[name], split_photos) for name, split_photos in photos.items()}
     extraction_s = time.perf_counter() - started
 
     started = time.perf_counter()

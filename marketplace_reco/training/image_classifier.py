@@ -15,7 +15,7 @@ from ..data.image_store import ImageStore
 from ..models.image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier
 from .distributed import DistributedContext, single_process_context, wrap_model
 from .feature_cache import DEFAULT_MEMORY_BUDGET, FeatureCache, cache_or_new, state_fingerprint
-from .image_data import CachedBatches, PhotoBatches, SplitPhotos, batch_loader, load_pixels
+from .image_data import CachedBatches, ImageBatches, SplitImages, batch_loader, load_pixels
 from .loop import fit, one_cycle_adamw
 from .runs import TrainResult
 
@@ -85,8 +85,8 @@ def train(model: ImageClassifier, splits: dict[str, Marketplace], config: ImageT
     context = context or single_process_context(next(model.parameters()).device)
     model.to(context.device)
     train_split, val_split = splits["train"], splits["val"]
-    train_photos = SplitPhotos.from_split(train_split, "train").shard(context.rank, context.world_size, pad=True)
-    val_photos = SplitPhotos.from_split(val_split, "validation").shard(context.rank, context.world_size, pad=False)
+    train_photos = SplitImages.from_split(train_split, "train").shard(context.rank, context.world_size, pad=True)
+    val_photos = SplitImages.from_split(val_split, "validation").shard(context.rank, context.world_size, pad=False)
     optimizer, scheduler = one_cycle_adamw(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         total_steps=config.epochs * -(-len(train_photos.image_ids) // config.batch_size))
@@ -104,11 +104,11 @@ def train(model: ImageClassifier, splits: dict[str, Marketplace], config: ImageT
                                              val_photos.image_labels)
             module = _FromTrunk(model)
         else:
-            train_set = PhotoBatches(load_pixels(train_split.image_store, train_photos.image_ids, model.to_pixels,
+            train_set = ImageBatches(load_pixels(train_split.image_store, train_photos.image_ids, model.to_pixels,
                                                  desc="decode train photos"),
                                      train_photos.image_labels, model.normalize, augment=config.augment,
                                      seed=config.seed)
-            val_set = PhotoBatches(load_pixels(val_split.image_store, val_photos.image_ids, model.to_pixels,
+            val_set = ImageBatches(load_pixels(val_split.image_store, val_photos.image_ids, model.to_pixels,
                                                desc="decode validation photos"),
                                    val_photos.image_labels, model.normalize, augment=False)
             module = model

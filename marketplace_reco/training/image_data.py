@@ -1,7 +1,7 @@
 """Photos as training data: per-split photo tables, decoding in chunks, batched augmentation, batch datasets.
 
 Image models learn and predict per photo; a product's prediction is the mean of its photos' probabilities,
-so image and fusion models are evaluated per product, like the text model (``SplitPhotos.evaluate``).
+so image and fusion models are evaluated per product, like the text model (``SplitImages.evaluate``).
 
 Datasets here hand out whole batches (``dataset[list of indices]``, see ``batch_loader``): one feature-cache
 lookup or one augmentation call per batch instead of per photo. Augmentation (``augment_batch``: random
@@ -32,7 +32,7 @@ from .feature_cache import FeatureCache
 from .metrics import evaluate
 
 # Photos fetched and decoded per chunk.
-PHOTO_CHUNK = 128
+IMAGE_CHUNK = 128
 # Augmentation ranges: crop area fraction, crop aspect ratio, colour jitter strength.
 _CROP_SCALE = (0.5, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
@@ -40,7 +40,7 @@ _JITTER = 0.2
 
 
 @dataclass
-class SplitPhotos:
+class SplitImages:
     """The photos of one split (one row per photo: id, product, label) and its products with photos."""
 
     image_ids: list[str]
@@ -50,7 +50,7 @@ class SplitPhotos:
     product_labels: np.ndarray
 
     @classmethod
-    def from_split(cls, split: Marketplace, name: str) -> SplitPhotos:
+    def from_split(cls, split: Marketplace, name: str) -> SplitImages:
         frame = split.images_frame()
         if frame.empty:
             raise DataError(f"the {name} split has no photos: an image model cannot be trained or evaluated on it")
@@ -63,7 +63,7 @@ class SplitPhotos:
             product_labels=pd.Categorical(products["label"], categories=split.classes).codes.astype(np.int64),
         )
 
-    def shard(self, rank: int, world_size: int, *, pad: bool) -> SplitPhotos:
+    def shard(self, rank: int, world_size: int, *, pad: bool) -> SplitImages:
         """Photos ``rank, rank + world_size, ...``: this rank's fixed share of the split.
 
         A fixed share (rather than a new one each epoch) means each rank computes and caches the frozen
@@ -73,7 +73,7 @@ class SplitPhotos:
         """
         total = -(-len(self.image_ids) // world_size) * world_size if pad else len(self.image_ids)
         keep = np.arange(rank, total, world_size) % len(self.image_ids)
-        return SplitPhotos([self.image_ids[i] for i in keep], self.image_products[keep], self.image_labels[keep],
+        return SplitImages([self.image_ids[i] for i in keep], self.image_products[keep], self.image_labels[keep],
                            self.product_ids, self.product_labels)
 
     def product_proba(self, image_proba: np.ndarray) -> np.ndarray:
@@ -90,13 +90,13 @@ class SplitPhotos:
         return metrics
 
 
-def photo_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | None) -> Iterator[list[Image.Image]]:
-    """Decoded RGB photos, ``PHOTO_CHUNK`` at a time, in ``image_ids`` order (with a progress bar unless
+def image_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | None) -> Iterator[list[Image.Image]]:
+    """Decoded RGB photos, ``IMAGE_CHUNK`` at a time, in ``image_ids`` order (with a progress bar unless
     ``desc`` is None)."""
     with ThreadPoolExecutor(max_workers=4) as pool, \
             progress_bar(total=len(image_ids), desc=desc, unit="img", disable=desc is None) as progress:
-        for start in range(0, len(image_ids), PHOTO_CHUNK):
-            ids = list(image_ids[start:start + PHOTO_CHUNK])
+        for start in range(0, len(image_ids), IMAGE_CHUNK):
+            ids = list(image_ids[start:start + IMAGE_CHUNK])
             encoded = store.get_many(ids)
             # JPEG decoding releases the GIL, so threads use every core.
             yield list(pool.map(lambda i: load_image(encoded[i], name=f"{i} from {store.location}"), ids))
@@ -106,7 +106,7 @@ def photo_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | Non
 def load_pixels(store: ImageStore, image_ids: Sequence[str], to_pixels: Callable[[Sequence[Image.Image]], torch.Tensor],
                 *, desc: str | None = "decode photos") -> torch.Tensor:
     """Photos as one uint8 tensor [n, 3, size, size]; ``to_pixels`` is the model's letterboxing."""
-    return torch.cat([to_pixels(images) for images in photo_chunks(store, image_ids, desc=desc)])
+    return torch.cat([to_pixels(images) for images in image_chunks(store, image_ids, desc=desc)])
 
 
 def augment_batch(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -138,7 +138,7 @@ def augment_batch(pixels: torch.Tensor, generator: torch.Generator | None = None
     return (x * brightness).clamp(0.0, 1.0)
 
 
-class PhotoBatches(Dataset):
+class ImageBatches(Dataset):
     """Batches of normalised photos from uint8 pixels in memory, augmented afresh each time if asked."""
 
     def __init__(self, pixels: torch.Tensor, labels: np.ndarray, normalize: Callable[[torch.Tensor], torch.Tensor],

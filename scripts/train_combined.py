@@ -20,19 +20,10 @@ import sys
 from marketplace_reco.data import Marketplace
 from marketplace_reco.models import FusionClassifier, ImageClassifier, TextCNN
 from marketplace_reco.models.fusion import BRANCHES
-from marketplace_reco.training import TrainResult, fusion
+from marketplace_reco.training import TrainResult, fusion, runs
 from marketplace_reco.training.distributed import DistributedContext
-from marketplace_reco.training.runs import (
-    add_config_arguments,
-    add_data_arguments,
-    add_output_arguments,
-    check_same_split,
-    config_from_arguments,
-    default_arguments,
-    run_training,
-)
 
-_MODEL = default_arguments(FusionClassifier.__init__)
+_MODEL = runs.default_arguments(FusionClassifier.__init__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Runs unchanged under torchrun --nproc_per_node N (data-parallel; only rank 0 writes).",
     )
-    add_data_arguments(parser)
-    add_output_arguments(parser, "fusion")
+    runs.add_data_arguments(parser)
+    runs.add_output_arguments(parser, "fusion")
     group = parser.add_argument_group("branches")
     group.add_argument("--image-model", default="image-classifier",
                        help="trained image classifier: checkpoint name, folder, s3://... or repo id "
@@ -64,24 +55,24 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--modality-dropout", type=float, default=_MODEL["modality_dropout"],
                        help="share of training samples whose image features are hidden, and the same share whose "
                             "text features are hidden (default: %(default)s)")
-    add_config_arguments(parser, fusion.FusionTrainConfig, "training")
+    runs.add_config_arguments(parser, fusion.FusionTrainConfig, "training")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = config_from_arguments(fusion.FusionTrainConfig, args)
+    config = runs.config_from_arguments(fusion.FusionTrainConfig, args)
 
     def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[FusionClassifier, TrainResult]:
         image_model = ImageClassifier.from_pretrained(args.image_model, revision=args.image_revision)
         text_model = TextCNN.from_pretrained(args.text_model, revision=args.text_revision)
-        check_same_split(image_model, splits, "image model")
-        check_same_split(text_model, splits, "text model")
+        runs.check_same_split(image_model, splits, "image model")
+        runs.check_same_split(text_model, splits, "text model")
         model = FusionClassifier.from_branches(image_model, text_model, unfrozen=args.unfreeze, dropout=args.dropout,
                                                modality_dropout=args.modality_dropout)
         return model, fusion.train(model, splits, config, context)
 
-    return run_training(args, fit)
+    return runs.run_training(args, fit)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,8 @@ import sys
 from marketplace_reco.data import Marketplace
 from marketplace_reco.models import HogSvmClassifier
 from marketplace_reco.models.hog_svm import DEFAULT_PREPROCESSING
-from marketplace_reco.training import TrainResult, hog_svm
+from marketplace_reco.training import TrainResult, hog_svm, runs
 from marketplace_reco.training.distributed import DistributedContext
-from marketplace_reco.training.runs import (
-    add_config_arguments,
-    add_data_arguments,
-    add_output_arguments,
-    config_from_arguments,
-    default_arguments,
-    run_training,
-)
 
 _MODEL_OPTIONS = ("orientations", "pixels_per_cell", "cells_per_block", "colour_bins", "lbp_grid", "max_iter")
 
@@ -37,9 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                     "probabilities are averaged). Writes config.json, model.safetensors, README.md and "
                     "confusion_matrix.png.",
     )
-    add_data_arguments(parser)
-    add_output_arguments(parser, "hog-svm")
-    defaults = default_arguments(HogSvmClassifier.__init__)
+    runs.add_data_arguments(parser)
+    runs.add_output_arguments(parser, "hog-svm")
+    defaults = runs.default_arguments(HogSvmClassifier.__init__)
     group = parser.add_argument_group("model")
     group.add_argument("--image-size", type=int, default=DEFAULT_PREPROCESSING["image_size"],
                        help="photos are letterboxed to this square size in pixels (default: %(default)s)")
@@ -56,20 +48,20 @@ def _parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     group.add_argument("--max-iter", type=int, default=defaults["max_iter"],
                        help="SVM solver iterations (default: %(default)s)")
-    add_config_arguments(parser, hog_svm.HogSvmTrainConfig, "training")
+    runs.add_config_arguments(parser, hog_svm.HogSvmTrainConfig, "training")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = config_from_arguments(hog_svm.HogSvmTrainConfig, args)
+    config = runs.config_from_arguments(hog_svm.HogSvmTrainConfig, args)
 
     def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[HogSvmClassifier, TrainResult]:
         model = HogSvmClassifier(splits["train"].classes, preprocessing={"image_size": args.image_size},
                                  random_state=args.seed, **{name: getattr(args, name) for name in _MODEL_OPTIONS})
         return model, hog_svm.train(model, splits, config, context)
 
-    return run_training(args, fit)
+    return runs.run_training(args, fit)
 
 
 if __name__ == "__main__":

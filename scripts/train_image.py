@@ -20,18 +20,10 @@ from pathlib import Path
 
 from marketplace_reco.data import Marketplace
 from marketplace_reco.models import ImageClassifier
-from marketplace_reco.training import TrainResult, image_classifier
+from marketplace_reco.training import TrainResult, image_classifier, runs
 from marketplace_reco.training.distributed import DistributedContext
-from marketplace_reco.training.runs import (
-    add_config_arguments,
-    add_data_arguments,
-    add_output_arguments,
-    config_from_arguments,
-    default_arguments,
-    run_training,
-)
 
-_MODEL = default_arguments(ImageClassifier.__init__)
+_MODEL = runs.default_arguments(ImageClassifier.__init__)
 
 
 def _trainable_layers(value: str) -> int | str:
@@ -53,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Runs unchanged under torchrun --nproc_per_node N (data-parallel; only rank 0 writes).",
     )
-    add_data_arguments(parser)
-    add_output_arguments(parser, "image-classifier")
+    runs.add_data_arguments(parser)
+    runs.add_output_arguments(parser, "image-classifier")
     group = parser.add_argument_group("backbone")
     group.add_argument("--backbone", default=_MODEL["backbone"],
                        help="any timm model name, e.g. resnet50, resnet18, efficientnet_b0 (default: %(default)s)")
@@ -74,13 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="width of the feature layer reused by the fusion model (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=_MODEL["dropout"],
                        help="dropout before the head (default: %(default)s)")
-    add_config_arguments(parser, image_classifier.ImageTrainConfig, "training")
+    runs.add_config_arguments(parser, image_classifier.ImageTrainConfig, "training")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = config_from_arguments(image_classifier.ImageTrainConfig, args)
+    config = runs.config_from_arguments(image_classifier.ImageTrainConfig, args)
 
     def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[ImageClassifier, TrainResult]:
         model = ImageClassifier(
@@ -91,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return model, image_classifier.train(model, splits, config, context)
 
-    return run_training(args, fit)
+    return runs.run_training(args, fit)
 
 
 if __name__ == "__main__":

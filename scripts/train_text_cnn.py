@@ -20,21 +20,10 @@ from pathlib import Path
 from marketplace_reco.data import Marketplace
 from marketplace_reco.models import TextCNN, Word2VecEmbedding
 from marketplace_reco.settings import checkpoints_dir
-from marketplace_reco.training import TrainResult, text_cnn, word2vec
+from marketplace_reco.training import TrainResult, runs, text_cnn, word2vec
 from marketplace_reco.training.distributed import DistributedContext
-from marketplace_reco.training.runs import (
-    add_config_arguments,
-    add_data_arguments,
-    add_output_arguments,
-    check_same_split,
-    config_from_arguments,
-    default_arguments,
-    finish_run,
-    run_training,
-    split_summary,
-)
 
-_MODEL = default_arguments(TextCNN.__init__)
+_MODEL = runs.default_arguments(TextCNN.__init__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Writes config.json, model.safetensors, README.md, confusion_matrix.png, training_curves.png "
                     "and history.json.",
     )
-    add_data_arguments(parser)
-    add_output_arguments(parser, "text-cnn")
+    runs.add_data_arguments(parser)
+    runs.add_output_arguments(parser, "text-cnn")
     group = parser.add_argument_group("embedding")
     group.add_argument("--word2vec", default="word2vec",
                        help="word2vec checkpoint: a name under the checkpoints folder or a folder "
@@ -71,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--ensemble-size", type=int, default=_MODEL["ensemble_size"],
                        help="members trained with seeds seed, seed+1, ...; the model averages their probabilities "
                             "(default: %(default)s)")
-    add_config_arguments(parser, text_cnn.TextCNNTrainConfig, "training")
+    runs.add_config_arguments(parser, text_cnn.TextCNNTrainConfig, "training")
     return parser
 
 
@@ -85,18 +74,18 @@ def _word2vec(args: argparse.Namespace, splits: dict[str, Marketplace], context:
             folder = Path(args.word2vec)
             if folder.parent == Path("."):
                 folder = checkpoints_dir() / args.word2vec
-            finish_run(embedding, folder, metrics=result.metrics,
-                       data_summary={**embedding.data_summary, **split_summary(splits, args.seed)},
-                       figures=result.figures)
+            runs.finish_run(embedding, folder, metrics=result.metrics,
+                            data_summary={**embedding.data_summary, **runs.split_summary(splits, args.seed)},
+                            figures=result.figures)
         context.barrier()
     embedding = Word2VecEmbedding.from_pretrained(args.word2vec)
-    check_same_split(embedding, splits, "word2vec embedding")
+    runs.check_same_split(embedding, splits, "word2vec embedding")
     return embedding
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = config_from_arguments(text_cnn.TextCNNTrainConfig, args)
+    config = runs.config_from_arguments(text_cnn.TextCNNTrainConfig, args)
 
     def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[TextCNN, TrainResult]:
         embedding = _word2vec(args, splits, context)
@@ -107,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return model, text_cnn.train(model, splits, config, context)
 
-    return run_training(args, fit)
+    return runs.run_training(args, fit)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,8 @@ import sys
 
 from marketplace_reco.data import Marketplace
 from marketplace_reco.models import Word2VecEmbedding
-from marketplace_reco.training import TrainResult, word2vec
+from marketplace_reco.training import TrainResult, runs, word2vec
 from marketplace_reco.training.distributed import DistributedContext
-from marketplace_reco.training.runs import (
-    add_config_arguments,
-    add_data_arguments,
-    add_output_arguments,
-    config_from_arguments,
-    run_training,
-)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,15 +29,15 @@ def _parser() -> argparse.ArgumentParser:
                     "config.json (vocabulary, preprocessing, nearest neighbours), model.safetensors (vectors), "
                     "README.md and embedding_2d.png, and prints each probe word's nearest neighbours.",
     )
-    add_data_arguments(parser)
-    add_output_arguments(parser, "word2vec")
-    add_config_arguments(parser, word2vec.Word2VecTrainConfig, "word2vec")
+    runs.add_data_arguments(parser)
+    runs.add_output_arguments(parser, "word2vec")
+    runs.add_config_arguments(parser, word2vec.Word2VecTrainConfig, "word2vec")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    config = config_from_arguments(word2vec.Word2VecTrainConfig, args)
+    config = runs.config_from_arguments(word2vec.Word2VecTrainConfig, args)
 
     def fit(splits: dict[str, Marketplace], context: DistributedContext) -> tuple[Word2VecEmbedding, TrainResult]:
         embedding, result = word2vec.train(splits, config, context)
@@ -55,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {word:>12}: {shown}")
         return embedding, result
 
-    return run_training(args, fit)
+    return runs.run_training(args, fit)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,11 +23,11 @@ from .runs import TrainResult
 class FusionTrainConfig:
     """How the fusion head (and any unfrozen branch) is trained."""
 
-    epochs: int = field(default=30, metadata={"help": "maximum epochs; also the one-cycle schedule's length"})
-    batch_size: int = field(default=64, metadata={"help": "photo+text samples per batch and process"})
-    learning_rate: float = field(default=1e-3, metadata={"flags": ["--lr"], "help": "peak learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    patience: int = field(default=5, metadata={"help": "stop after this many epochs without a lower validation loss"})
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
     seed: int = 0
 
 

@@ -24,11 +24,11 @@ from .runs import TrainResult
 class ImageTrainConfig:
     """How an ``ImageClassifier``'s trainable part is trained."""
 
-    epochs: int = field(default=10, metadata={"help": "maximum epochs; also the one-cycle schedule's length"})
-    batch_size: int = field(default=32, metadata={"help": "photos per batch and process"})
-    learning_rate: float = field(default=1e-3, metadata={"flags": ["--lr"], "help": "peak learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    patience: int = field(default=3, metadata={"help": "stop after this many epochs without a lower validation loss"})
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 3
     augment: bool = field(default=False, metadata={
         "help": "random crops, flips and colour jitter each epoch (the whole network then runs every epoch: no "
                 "feature cache)"})

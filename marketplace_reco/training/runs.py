@@ -89,6 +89,16 @@ def default_arguments(function: Callable[..., Any]) -> dict[str, Any]:
     return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
 
 
+#: Help and extra flags of the options every torch family's training config has (a field's metadata may add more).
+COMMON_OPTIONS: dict[str, dict[str, Any]] = {
+    "epochs": {"help": "maximum epochs; also the length of the learning-rate schedule"},
+    "batch_size": {"help": "training samples per batch and process"},
+    "learning_rate": {"flags": ["--lr"], "help": "peak learning rate"},
+    "weight_decay": {"help": "AdamW weight decay"},
+    "patience": {"help": "stop after this many epochs without a better validation figure"},
+}
+
+
 def _option_type(annotation: Any) -> tuple[Any, bool]:
     """The argparse type of a config field's annotation, and whether it takes a list."""
     hint = annotation
@@ -102,7 +112,8 @@ def _option_type(annotation: Any) -> tuple[Any, bool]:
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, title: str, *,
                          defaults: Any | None = None, shared: Sequence[str] = ("seed",)) -> argparse._ArgumentGroup:
     """One option per field of the dataclass ``config_class`` (``learning_rate`` -> ``--learning-rate``, plus the
-    ``flags`` of the field's metadata), with the field's default (or ``defaults``'s value) and its ``help``.
+    ``flags`` of the field's metadata), with the field's default (or ``defaults``'s value) and its ``help`` (the
+    field's metadata, or ``COMMON_OPTIONS`` for the usual ones).
 
     The ``shared`` fields come from options the parser already has (``--seed``, of the data arguments).
     """
@@ -113,8 +124,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, ti
         if spec.name in shared:
             continue
         default = getattr(defaults, spec.name)
-        flags = [f"--{spec.name.replace('_', '-')}", *spec.metadata.get("flags", [])]
-        help_text = spec.metadata.get("help", "") + (" (default: %(default)s)" if default is not None else "")
+        metadata = {**COMMON_OPTIONS.get(spec.name, {}), **spec.metadata}
+        flags = [f"--{spec.name.replace('_', '-')}", *metadata.get("flags", [])]
+        help_text = metadata.get("help", "") + (" (default: %(default)s)" if default is not None else "")
         kind, many = _option_type(hints[spec.name])
         if kind is bool:
             group.add_argument(*flags, dest=spec.name, action=argparse.BooleanOptionalAction, default=default,
@@ -122,8 +134,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, ti
         else:
             group.add_argument(*flags, dest=spec.name, type=kind, nargs="+" if many else None,
                                default=list(default) if many and default is not None else default,
-                               metavar=spec.metadata.get("metavar"),
-                               choices=spec.metadata.get("choices"), help=help_text)
+                               metavar=metadata.get("metavar"), choices=metadata.get("choices"), help=help_text)
     return group
 
 

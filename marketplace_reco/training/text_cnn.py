@@ -28,11 +28,10 @@ _BUCKET_BATCHES = 50
 class TextCNNTrainConfig:
     """How each member of a ``TextCNN`` is trained."""
 
-    epochs: int = field(default=15, metadata={
-        "help": "maximum epochs per member; also the one-cycle schedule's length"})
-    batch_size: int = field(default=16, metadata={"help": "texts per batch and process"})
-    learning_rate: float = field(default=1e-3, metadata={"flags": ["--lr"], "help": "peak learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=15, metadata={"help": "maximum epochs per member; also its schedule's length"})
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
     patience: int = field(default=5, metadata={
         "help": "stop a member after this many epochs without a better validation accuracy"})
     label_smoothing: float = field(default=0.1, metadata={"help": "share of each target spread over the other classes"})

@@ -273,3 +273,31 @@ def test_a_format_1_checkpoint_loads_with_a_warning(saved: Path, caplog: pytest.
         model = load_model(str(saved))
     np.testing.assert_array_equal(model.bias, [0.5, -1.0, 2.0])
     assert "format version 1 records no checksum of config.json" in caplog.text
+
+
+@register_model("test-with-vocabulary")
+class WithVocabulary(Affine):
+    """An Affine that keeps a word list in a file of its own, as a tokenizer does."""
+
+    def __init__(self, classes: list[str], n_inputs: int = 3) -> None:
+        super().__init__(classes, n_inputs)
+        self.words = ["sofa", "drill"]
+
+    def _save_extra_files(self, folder: Path) -> list[str]:
+        (folder / "vocabulary").mkdir(exist_ok=True)
+        (folder / "vocabulary" / "words.txt").write_text("\n".join(self.words))
+        return ["vocabulary/words.txt"]
+
+
+def test_extra_files_are_checksummed_like_the_config(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "with-vocabulary"
+    WithVocabulary(CLASSES).save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="marketplace_reco.models._checkpoint"):
+        assert isinstance(load_model(str(folder)), WithVocabulary)
+    assert "not part of the checkpoint format" not in caplog.text  # the header vouches for it
+    (folder / "vocabulary" / "words.txt").write_text("sofa\nchainsaw")
+    with pytest.raises(CheckpointError, match=r"vocabulary/words\.txt: does not match the sha256 recorded"):
+        load_model(str(folder))
+    (folder / "vocabulary" / "words.txt").unlink()
+    with pytest.raises(CheckpointError, match=r"vocabulary/words\.txt: missing; the checkpoint needs it"):
+        load_model(str(folder))

@@ -59,9 +59,10 @@ class CheckpointMixin(ModelHubMixin):
     """Mixin for every model of the project.
 
     Subclasses implement ``_state_arrays()`` (what goes into ``model.safetensors``) and
-    ``_load_state_arrays(arrays)``; the arrays of a freshly constructed model define the keys and shapes a
-    checkpoint must contain, which is what makes loading strict. A model that needs more files than its arrays
-    (a tokenizer's) writes them in ``_save_extra_files`` and names them in ``extra_files``.
+    ``_load_state_arrays(arrays)``; the arrays returned by a freshly constructed model define the
+    keys and shapes a checkpoint must contain, which is what makes loading strict. A model that needs files
+    besides its arrays (a tokenizer's) writes them in ``_save_extra_files``; their checksums join config.json's in
+    the weights' header, and loading verifies them before the model reads them (in its ``_from_pretrained``).
     """
 
     model_type: ClassVar[str] = ""
@@ -69,8 +70,6 @@ class CheckpointMixin(ModelHubMixin):
     input_kind: ClassVar[str] = ""
     #: One line for the model card.
     description: ClassVar[str] = ""
-    #: Files besides config.json and model.safetensors that the checkpoint holds (checksummed like the config).
-    extra_files: ClassVar[tuple[str, ...]] = ()
 
     metrics: dict[str, Any]
     data_summary: dict[str, Any]
@@ -94,8 +93,9 @@ class CheckpointMixin(ModelHubMixin):
     def _load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
-    def _save_extra_files(self, folder: Path) -> None:
-        """Write the files named in ``extra_files`` into ``folder`` (nothing by default)."""
+    def _save_extra_files(self, folder: Path) -> list[str]:
+        """Write the files the model needs besides its arrays into ``folder``; their paths relative to it."""
+        return []
 
     # ---- config -------------------------------------------------------------------------------
     def _record_config(self, **values: Any) -> None:
@@ -128,9 +128,9 @@ class CheckpointMixin(ModelHubMixin):
         (save_directory / CARD_FILE).unlink(missing_ok=True)
         config = json.dumps(self.config, sort_keys=True, indent=2).encode("utf-8")
         (save_directory / CONFIG_FILE).write_bytes(config)
-        self._save_extra_files(save_directory)
+        extra_files = self._save_extra_files(save_directory)
         files = {CONFIG_FILE: hashlib.sha256(config).hexdigest(),
-                 **{name: file_sha256(save_directory / name) for name in self.extra_files}}
+                 **{name: file_sha256(save_directory / name) for name in extra_files}}
         # np.require keeps 0-d arrays (e.g. BatchNorm's num_batches_tracked) 0-d; ascontiguousarray would not.
         arrays = {key: np.require(value, requirements="C") for key, value in self._state_arrays().items()}
         checksums = {key: _array_sha256(value) for key, value in arrays.items()}
@@ -184,8 +184,8 @@ class CheckpointMixin(ModelHubMixin):
         if config is None or config_sha256 is None:
             config, config_sha256 = read_config(folder)
         model = cls._build(folder / CONFIG_FILE, config, model_kwargs)
-        model._load_checkpoint_arrays(folder, config_sha256, int(config["format_version"]))
-        _report_foreign_files(folder, cls.extra_files)
+        files = model._load_checkpoint_arrays(folder, config_sha256, int(config["format_version"]))
+        _report_foreign_files(folder, files)
         model.metrics = config.get("metrics") or {}
         model.data_summary = config.get("data_summary") or {}
         model.source = {"name": name or model_id, "revision": revision or content_revision(folder),
@@ -210,7 +210,8 @@ class CheckpointMixin(ModelHubMixin):
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: cannot build a {cls.model_type!r} model from it ({exc})") from exc
 
-    def _load_checkpoint_arrays(self, folder: Path, config_sha256: str, format_version: int) -> None:
+    def _load_checkpoint_arrays(self, folder: Path, config_sha256: str, format_version: int) -> set[str]:
+        """Verify the weights and the files their header vouches for, load the arrays; the verified files' names."""
         weights_path = folder / WEIGHTS_FILE
         try:
             with safe_open(str(weights_path), framework="np") as handle:
@@ -238,13 +239,14 @@ class CheckpointMixin(ModelHubMixin):
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise CheckpointError(f"{weights_path}: key {key!r} holds {int((~np.isfinite(value)).sum())} "
                                       "non-finite value(s) (NaN or infinity); the model cannot predict with it")
+        files = {CONFIG_FILE}
         if format_version >= 2:
-            _check_files(folder, _header_json(metadata, _FILE_CHECKSUMS, weights_path),
-                         {CONFIG_FILE: config_sha256}, self.extra_files)
+            files = _check_files(folder, _header_json(metadata, _FILE_CHECKSUMS, weights_path), config_sha256)
         else:
             logger.warning("%s: format version %d records no checksum of %s, so edits to it cannot be detected; "
                            "save the model again to protect it", folder, format_version, CONFIG_FILE)
         self._load_state_arrays(arrays)
+        return files
 
 
 def _array_sha256(array: np.ndarray) -> str:
@@ -262,26 +264,28 @@ def _header_json(metadata: dict[str, str], key: str, weights_path: Path) -> dict
     return value
 
 
-def _check_files(folder: Path, recorded: dict[str, str], known: dict[str, str], extra_files: tuple[str, ...]) -> None:
+def _check_files(folder: Path, recorded: dict[str, str], config_sha256: str) -> set[str]:
     """Every file the weights' header vouches for must be there, unchanged (config.json was hashed on reading)."""
-    for name in (CONFIG_FILE, *extra_files):
-        actual = known.get(name)
-        if actual is None:
-            path = folder / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing; the checkpoint needs it")
+    for name, expected in {CONFIG_FILE: recorded.get(CONFIG_FILE), **recorded}.items():
+        path = folder / name
+        if name == CONFIG_FILE:
+            actual = config_sha256
+        elif not path.is_file():
+            raise CheckpointError(f"{path}: missing; the checkpoint needs it")
+        else:
             actual = file_sha256(path)
-        if recorded.get(name) != actual:
+        if expected != actual:
             raise CheckpointError(
-                f"{folder / name}: does not match the sha256 recorded in {WEIGHTS_FILE} when the checkpoint was "
+                f"{path}: does not match the sha256 recorded in {WEIGHTS_FILE} when the checkpoint was "
                 "saved; it was edited or damaged since, so the model would not be the one that was trained "
                 "(save the model again to change its configuration)"
             )
+    return set(recorded) | {CONFIG_FILE}
 
 
-def _report_foreign_files(folder: Path, extra_files: tuple[str, ...]) -> None:
+def _report_foreign_files(folder: Path, verified: set[str]) -> None:
     """Log the files a checkpoint folder holds that the format neither reads nor documents: never loaded."""
-    expected = {CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, *extra_files}
+    expected = {WEIGHTS_FILE, CARD_FILE, *verified}
     foreign = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
                      if path.is_file() and not path.name.startswith(".")
                      and path.relative_to(folder).as_posix() not in expected)

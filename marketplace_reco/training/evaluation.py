@@ -9,14 +9,24 @@ One function per input kind, chosen by ``evaluate_model`` from the model's ``inp
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..data.dataset import Marketplace
-from ..models import CheckpointMixin
+from ..models import CheckpointMixin, load_model
+from .benchmarks import markdown_table
 from .image_data import SplitImages, image_chunks
 from .metrics import evaluate
+from .plots import plot_confusion_matrix
+
+SPLIT_NAMES = ("train", "val", "test")
+#: Classes listed by name in the evaluation table: the ones recalled worst.
+_WORST_CLASSES = 3
 
 
 def evaluate_images(model: CheckpointMixin, split: Marketplace, name: str = "test") -> dict[str, Any]:
@@ -59,3 +69,36 @@ def evaluate_model(model: CheckpointMixin, split: Marketplace, name: str = "test
         raise ValueError(f"model type {model.model_type!r} is not a classifier (input kind {model.input_kind!r}); "
                          "it cannot be evaluated") from None
     return evaluate_kind(model, split, name)
+
+
+def evaluate_checkpoints(names: Sequence[str], marketplace: Marketplace, output: Path,
+                         revision: str | None = None) -> dict[str, dict[str, Any]]:
+    """Load each named checkpoint, score it on every product of ``marketplace`` and write its ``metrics.json`` and
+    ``confusion_matrix.png`` under ``output/<name>/``; the metrics by name, each with its model's identity."""
+    results = {}
+    for name in names:
+        model = load_model(name, revision=revision)
+        metrics = evaluate_model(model, marketplace, name="evaluation")
+        metrics["model"] = {"name": name, "type": model.model_type, "revision": model.source.get("revision", "")}
+        folder = output / re.sub(r"[^\w.-]+", "_", name).strip("_")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        plot_confusion_matrix(metrics, model.classes, folder / "confusion_matrix.png", f"{name} ({model.model_type})")
+        metrics["model"]["output"] = str(folder)
+        results[name] = metrics
+    return results
+
+
+def evaluation_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per evaluated model: products, accuracy, macro-F1, calibration error and the worst-recalled classes."""
+    rows = []
+    for name, metrics in results.items():
+        recall = sorted(metrics["per_class"].items(), key=lambda item: item[1]["recall"])[:_WORST_CLASSES]
+        ece = metrics.get("ece")
+        rows.append([name, metrics["model"]["type"], metrics["model"]["revision"], f"{metrics['n_samples']:,}",
+                     f"{metrics['accuracy']:.4f}", f"{metrics['macro_f1']:.4f}",
+                     "-" if ece is None else f"{ece:.4f}",
+                     ", ".join(f"{cls} {values['recall']:.2f}" for cls, values in recall),
+                     metrics["model"]["output"]])
+    return markdown_table(["model", "type", "revision", "products", "accuracy", "macro-F1", "ECE",
+                           "lowest recall", "metrics and confusion matrix"], rows)

@@ -140,23 +140,24 @@ class ListingIndex(ABC):
     def __contains__(self, listing_id: object) -> bool:
         """Whether the index holds a vector for ``listing_id``."""
 
-    @abstractmethod
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Add new listings; an id the index holds already is an error (use ``upsert`` to replace it)."""
+        ids = _check_ids(ids)
+        self._write(ids, _check_vectors(vectors, self.embedding.dim, "vectors", len(ids)), replace=False)
 
-    @abstractmethod
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Replace the vectors of listings the index holds and add the others."""
+        ids = _check_ids(ids)
+        self._write(ids, _check_vectors(vectors, self.embedding.dim, "vectors", len(ids)), replace=True)
 
-    @abstractmethod
     def delete(self, ids: Sequence[str]) -> None:
         """Remove listings; an id the index does not hold is an error (``UnknownListingError``), nothing removed."""
+        self._delete(_check_ids(ids))
 
-    @abstractmethod
     def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
         """The stored vectors of ``ids``, ``[len(ids), dim]`` float32 in the order given."""
+        return self._get_vectors(_check_ids(ids))
 
-    @abstractmethod
     def search(self, query_vectors: np.ndarray, k: int, *, exclude_ids: Sequence[Iterable[str]] | None = None,
                filters: SearchFilters | None = None) -> list[list[Neighbour]]:
         """The ``k`` most similar listings to each query vector, best first.
@@ -166,6 +167,28 @@ class ListingIndex(ABC):
         apply to every query of the call (queries with different filters go in separate calls). Fewer than ``k``
         results come back only when fewer than ``k`` listings pass the filters and exclusions.
         """
+        queries = _check_vectors(query_vectors, self.embedding.dim, "query_vectors")
+        if queries.shape[0] == 0:
+            raise IndexInputError("query_vectors is empty: give at least one query vector")
+        return self._search(queries, _check_k(k), _check_exclusions(exclude_ids, len(queries)), filters)
+
+    # ---- what a backend implements, on checked arguments -----------------------------------------------------
+    @abstractmethod
+    def _write(self, ids: list[str], vectors: np.ndarray, *, replace: bool) -> None:
+        """Add (``replace=False``: refuse ids present) or upsert checked rows, all or nothing."""
+
+    @abstractmethod
+    def _delete(self, ids: list[str]) -> None:
+        """Delete checked ids, all or nothing."""
+
+    @abstractmethod
+    def _get_vectors(self, ids: list[str]) -> np.ndarray:
+        """The vectors of checked ids."""
+
+    @abstractmethod
+    def _search(self, queries: np.ndarray, k: int, exclusions: list[frozenset[str]],
+                filters: SearchFilters | None) -> list[list[Neighbour]]:
+        """Search with checked queries, ``k`` and one exclusion set per query."""
 
     def check_model(self, model_name: str, model_revision: str) -> None:
         """Raise ``ModelMismatchError`` unless the index was built by ``model_name`` at ``model_revision``."""
@@ -178,8 +201,8 @@ class ListingIndex(ABC):
             )
 
 
-# ---- input checks shared by the backends ---------------------------------------------------------------------
-def check_ids(ids: Sequence[str], what: str = "ids") -> list[str]:
+# ---- input checks, the same for every backend ---------------------------------------------------------------------
+def _check_ids(ids: Sequence[str], what: str = "ids") -> list[str]:
     """``ids`` as a list, checked: a sequence of non-empty strings of at most ``MAX_ID_LENGTH``, none twice."""
     if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray):
         raise IndexInputError(f"{what} must be a sequence of listing ids, got {type(ids).__name__}")
@@ -194,7 +217,7 @@ def check_ids(ids: Sequence[str], what: str = "ids") -> list[str]:
     return checked
 
 
-def check_vectors(vectors: Any, dim: int, what: str, n_rows: int | None = None) -> np.ndarray:
+def _check_vectors(vectors: Any, dim: int, what: str, n_rows: int | None = None) -> np.ndarray:
     """``vectors`` as a C-contiguous float32 ``[n, dim]`` array, checked: finite and of unit length (L2).
 
     ``n_rows``, when given, is the number of rows required (one per id).
@@ -219,22 +242,14 @@ def check_vectors(vectors: Any, dim: int, what: str, n_rows: int | None = None) 
     return np.ascontiguousarray(array)
 
 
-def check_queries(query_vectors: Any, dim: int) -> np.ndarray:
-    """Query vectors checked like stored ones, and at least one of them."""
-    queries = check_vectors(query_vectors, dim, "query_vectors")
-    if queries.shape[0] == 0:
-        raise IndexInputError("query_vectors is empty: give at least one query vector")
-    return queries
-
-
-def check_k(k: Any) -> int:
+def _check_k(k: Any) -> int:
     """``k`` checked: an integer from 1 to ``MAX_K``."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
         raise IndexInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
     return int(k)
 
 
-def check_exclusions(exclude_ids: Sequence[Iterable[str]] | None, n_queries: int) -> list[frozenset[str]]:
+def _check_exclusions(exclude_ids: Sequence[Iterable[str]] | None, n_queries: int) -> list[frozenset[str]]:
     """One set of excluded listing ids per query (empty sets when ``exclude_ids`` is None)."""
     if exclude_ids is None:
         return [frozenset()] * n_queries

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,7 @@ from ._checkpoint_io import (
     read_config,
     resolve_checkpoint,
 )
-from .base import (
-    EmbeddingSpec,
-    ListingIndex,
-    Neighbour,
-    SearchFilters,
-    check_exclusions,
-    check_ids,
-    check_k,
-    check_queries,
-    check_vectors,
-)
+from .base import EmbeddingSpec, ListingIndex, Neighbour, SearchFilters
 from .errors import DuplicateListingError, IndexConfigError, IndexFileError, IndexInputError, UnknownListingError
 from .persistence import read_arrays, render_card, write_arrays
 
@@ -108,6 +97,7 @@ class FaissListingIndex(ListingIndex):
         self._row_ids: list[str] = []
         self._row_of: dict[str, int] = {}
         self._deleted = np.zeros(0, dtype=bool)
+        self._live_selection: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def structure(self) -> str:
@@ -138,22 +128,14 @@ class FaissListingIndex(ListingIndex):
         return flat.reshape(self.rows, self.embedding.dim)
 
     # ---- updates -------------------------------------------------------------------------------------------
-    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        ids = check_ids(ids)
-        vectors = check_vectors(vectors, self.embedding.dim, "vectors", len(ids))
+    def _write(self, ids: list[str], vectors: np.ndarray, *, replace: bool) -> None:
         present = [listing_id for listing_id in ids if listing_id in self._row_of]
-        if present:
+        if present and not replace:
             raise DuplicateListingError(present, "are in the index already (upsert replaces their vectors)")
+        self._mark_deleted(present)
         self._append(ids, vectors)
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        ids = check_ids(ids)
-        vectors = check_vectors(vectors, self.embedding.dim, "vectors", len(ids))
-        self._mark_deleted([listing_id for listing_id in ids if listing_id in self._row_of])
-        self._append(ids, vectors)
-
-    def delete(self, ids: Sequence[str]) -> None:
-        ids = check_ids(ids)
+    def _delete(self, ids: list[str]) -> None:
         unknown = [listing_id for listing_id in ids if listing_id not in self._row_of]
         if unknown:
             raise UnknownListingError(unknown, "the index")
@@ -164,6 +146,7 @@ class FaissListingIndex(ListingIndex):
     def _mark_deleted(self, ids: list[str]) -> None:
         rows = [self._row_of.pop(listing_id) for listing_id in ids]
         self._deleted[rows] = True
+        self._live_selection = None
 
     def _append(self, ids: list[str], vectors: np.ndarray) -> None:
         first = self.rows
@@ -175,6 +158,7 @@ class FaissListingIndex(ListingIndex):
         self._row_ids.extend(ids)
         self._row_of.update(zip(ids, range(first, first + len(ids))))
         self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
+        self._live_selection = None
 
     def compact(self) -> None:
         """Drop deleted rows, rebuilding the structure from the live vectors (for HNSW: the whole graph)."""
@@ -199,31 +183,27 @@ class FaissListingIndex(ListingIndex):
         self._deleted = np.zeros(len(ids), dtype=bool)
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        ids = check_ids(ids)
+    def _get_vectors(self, ids: list[str]) -> np.ndarray:
         unknown = [listing_id for listing_id in ids if listing_id not in self._row_of]
         if unknown:
             raise UnknownListingError(unknown, "the index")
         return self._stored_vectors()[[self._row_of[listing_id] for listing_id in ids]]
 
-    def search(self, query_vectors: np.ndarray, k: int, *, exclude_ids: Sequence[Iterable[str]] | None = None,
-               filters: SearchFilters | None = None) -> list[list[Neighbour]]:
-        queries = check_queries(query_vectors, self.embedding.dim)
-        k = check_k(k)
-        exclusions = check_exclusions(exclude_ids, len(queries))
+    def _search(self, queries: np.ndarray, k: int, exclusions: list[frozenset[str]],
+                filters: SearchFilters | None) -> list[list[Neighbour]]:
         if filters is not None and filters.database_filters:
             raise IndexInputError(
                 f"the FAISS backend cannot filter by {', '.join(filters.database_filters)}: resolve them to "
                 "SearchFilters.allowed_ids from the products table, or use the pgvector backend"
             )
-        eligible = self._eligible_rows(filters.allowed_ids if filters is not None else None)
-        n_eligible = len(self) if eligible is None else int(eligible.sum())
+        allowed_ids = filters.allowed_ids if filters is not None else None
+        eligible, bitmap = self._selection(allowed_ids)
+        n_eligible = len(self) if allowed_ids is None else int(eligible.sum())
         excluded_rows = [self._rows_in(excluded, eligible) for excluded in exclusions]
         fetch = min(k + max(len(rows) for rows in excluded_rows), n_eligible)
         if fetch == 0:
             return [[] for _ in queries]
-        # Keep the bitmap referenced while FAISS reads it through the selector.
-        bitmap = None if eligible is None else np.packbits(eligible, bitorder="little")
+        # ``bitmap`` stays referenced while FAISS reads it through the selector.
         selector = None if bitmap is None else faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bitmap))
         exact = self.structure == "exact" or n_eligible * self.embedding.dim <= self.exact_max_components
         scores, rows = self._search_rows(queries, fetch, selector, exact=exact)
@@ -238,13 +218,19 @@ class FaissListingIndex(ListingIndex):
             results.append(found)
         return results
 
-    def _eligible_rows(self, allowed_ids: frozenset[str] | None) -> np.ndarray | None:
-        """Rows a search may return as a boolean mask, or None when every stored row may (nothing deleted)."""
+    def _selection(self, allowed_ids: frozenset[str] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Rows a search may return, as a boolean mask and FAISS's bitmap of it; (None, None) when every stored
+        row may. The selection of live rows is kept until the next update (packing it costs O(rows))."""
         if allowed_ids is None:
-            return ~self._deleted if self.deleted_rows else None
+            if not self.deleted_rows:
+                return None, None
+            if self._live_selection is None:
+                live = ~self._deleted
+                self._live_selection = live, np.packbits(live, bitorder="little")
+            return self._live_selection
         eligible = np.zeros(self.rows, dtype=bool)
         eligible[[self._row_of[listing_id] for listing_id in allowed_ids if listing_id in self._row_of]] = True
-        return eligible
+        return eligible, np.packbits(eligible, bitorder="little")
 
     def _rows_in(self, ids: frozenset[str], eligible: np.ndarray | None) -> set[int]:
         rows = {self._row_of[listing_id] for listing_id in ids if listing_id in self._row_of}
@@ -385,3 +371,4 @@ class FaissListingIndex(ListingIndex):
         self._row_ids = ids
         self._row_of = {listing_id: row for row, listing_id in enumerate(ids) if not deleted[row]}
         self._deleted = deleted
+        self._live_selection = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,17 +61,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..data.database import describe_db_error, mask_url
 from ..data.schema import products
-from .base import (
-    EmbeddingSpec,
-    ListingIndex,
-    Neighbour,
-    SearchFilters,
-    check_exclusions,
-    check_ids,
-    check_k,
-    check_queries,
-    check_vectors,
-)
+from .base import EmbeddingSpec, ListingIndex, Neighbour, SearchFilters
 from .errors import DuplicateListingError, IndexConfigError, SearchError, UnknownListingError
 
 DEFAULT_NAME = "listing_embeddings"
@@ -264,15 +254,7 @@ class PgvectorListingIndex(ListingIndex):
         with self._transaction("look up a listing in") as conn:
             return bool(conn.execute(select(exists().where(self.table.c.product_id == listing_id))).scalar_one())
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        self._write(ids, vectors, replace=False)
-
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        self._write(ids, vectors, replace=True)
-
-    def _write(self, ids: Sequence[str], vectors: np.ndarray, *, replace: bool) -> None:
-        ids = check_ids(ids)
-        vectors = check_vectors(vectors, self.embedding.dim, "vectors", len(ids))
+    def _write(self, ids: list[str], vectors: np.ndarray, *, replace: bool) -> None:
         staging = Table(f"staging_{self.name}", MetaData(), Column("product_id", Text),
                         Column("embedding", VECTOR(self.embedding.dim)),
                         prefixes=["TEMPORARY"], postgresql_on_commit="DROP")
@@ -297,8 +279,7 @@ class PgvectorListingIndex(ListingIndex):
             if len(ids) >= _ANALYZE_AFTER_ROWS:
                 conn.execute(text(f'ANALYZE "{self.table.name}"'))
 
-    def delete(self, ids: Sequence[str]) -> None:
-        ids = check_ids(ids)
+    def _delete(self, ids: list[str]) -> None:
         with self._transaction("delete from") as conn:
             present = set(conn.execute(select(self.table.c.product_id).where(
                 self.table.c.product_id == any_(_text_array("ids", ids)))).scalars())
@@ -308,8 +289,7 @@ class PgvectorListingIndex(ListingIndex):
             conn.execute(delete(self.table).where(self.table.c.product_id == any_(_text_array("ids", ids))))
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        ids = check_ids(ids)
+    def _get_vectors(self, ids: list[str]) -> np.ndarray:
         with self._transaction("read vectors from") as conn:
             rows = conn.execute(select(self.table.c.product_id, self.table.c.embedding).where(
                 self.table.c.product_id == any_(_text_array("ids", ids)))).all()
@@ -320,11 +300,8 @@ class PgvectorListingIndex(ListingIndex):
         return np.asarray([found[listing_id] for listing_id in ids], dtype=np.float32).reshape(
             len(ids), self.embedding.dim)
 
-    def search(self, query_vectors: np.ndarray, k: int, *, exclude_ids: Sequence[Iterable[str]] | None = None,
-               filters: SearchFilters | None = None) -> list[list[Neighbour]]:
-        queries = check_queries(query_vectors, self.embedding.dim)
-        k = check_k(k)
-        exclusions = check_exclusions(exclude_ids, len(queries))
+    def _search(self, queries: np.ndarray, k: int, exclusions: list[frozenset[str]],
+                filters: SearchFilters | None) -> list[list[Neighbour]]:
         results = []
         with self._transaction("search") as conn:
             for query, excluded in zip(queries, exclusions):

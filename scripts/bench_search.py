@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,7 +49,7 @@ from sqlalchemy import Engine, insert, text
 from marketplace_reco.data.database import open_engine
 from marketplace_reco.data.schema import create_schema, products
 from marketplace_reco.search import EmbeddingSpec, FaissListingIndex, ListingIndex, Neighbour
-from marketplace_reco.search.faiss_index import EXACT_MAX_COMPONENTS
+from marketplace_reco.search.faiss_index import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, EXACT_MAX_COMPONENTS
 from marketplace_reco.search.pgvector_index import PgvectorListingIndex
 from marketplace_reco.settings import reports_dir
 
@@ -67,12 +66,12 @@ _EMBEDDING = {"model_name": "synthetic", "model_revision": "bench", "model_type"
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class ClusteredVectors:
     """The synthetic distribution (module docstring): fixed by ``dim`` and ``seed``, drawn in chunks on demand."""
 
-    dim: int
-    seed: int
+    def __init__(self, dim: int, seed: int) -> None:
+        self.dim = dim
+        self.seed = seed
 
     def _model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -163,8 +162,8 @@ def exact_crossover(dims: Sequence[int], sizes: Sequence[int], n_queries: int, s
 
 
 # ---- 2. FAISS at scale -----------------------------------------------------------------------------------------
-def faiss_at_scale(n: int, dim: int, n_queries: int, n_latency: int, ef_values: Sequence[int], seed: int,
-                   ) -> str:
+def faiss_at_scale(n: int, dim: int, n_queries: int, n_latency: int, ef_values: Sequence[int],
+                   ef_construction: int, seed: int) -> str:
     data = ClusteredVectors(dim, seed)
     spec = EmbeddingSpec(**_EMBEDDING, dim=dim)
     queries = data.all(n_queries, stream=1)
@@ -172,7 +171,7 @@ def faiss_at_scale(n: int, dim: int, n_queries: int, n_latency: int, ef_values: 
 
     def build(kind: str) -> tuple[FaissListingIndex, float, int]:
         before = rss_bytes()
-        index = FaissListingIndex(spec, kind=kind)
+        index = FaissListingIndex(spec, kind=kind, ef_construction=ef_construction)
         started = time.perf_counter()
         for number, chunk in enumerate(data.draw(n, stream=0)):
             index.add(listing_ids(number * _CHUNK, number * _CHUNK + len(chunk)), chunk)
@@ -198,7 +197,7 @@ def faiss_at_scale(n: int, dim: int, n_queries: int, n_latency: int, ef_values: 
         rows.append((f"HNSW M={hnsw.hnsw_m} efC={hnsw.ef_construction}", ef, f"{build_s:.0f}", f"{rss / 2**30:.2f}",
                      f"{recall:.3f}", f"{p50:.2f}", f"{p99:.2f}"))
         say(f"efSearch {ef}: recall@10 {recall:.3f} p50 {p50:.2f} ms p99 {p99:.2f} ms")
-    hnsw.ef_search = FaissListingIndex(spec).ef_search
+    hnsw.ef_search = DEFAULT_EF_SEARCH
     scale = table(("index", "efSearch", "build s", "RSS growth GiB", "recall@10 vs exact", "p50 ms", "p99 ms"), rows)
     scale += f"\n\nThe vectors alone are {n * dim * 4 / 2**30:.2f} GiB (float32)."
 
@@ -328,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall")
     parser.add_argument("--latency-queries", type=int, default=300, help="queries timed one by one")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--ef-construction", type=int, default=DEFAULT_EF_CONSTRUCTION,
+                        help="HNSW efConstruction of the FAISS scale test")
     parser.add_argument("--crossover-dims", type=int, nargs="*", default=[384, 768, 1280],
                         help="dimensions of the exact-crossover section (none: skip it)")
     parser.add_argument("--crossover-sizes", type=int, nargs="+", default=[2_500, 5_000, 10_000, 20_000, 40_000])
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="report file (default reports/bench_search.md)")
     args = parser.parse_args(argv)
     output = args.output or reports_dir() / "bench_search.md"
-    command = "python scripts/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python scripts/bench_search.py", *(argv if argv is not None else sys.argv[1:])])
 
     sections = []
     if args.crossover_dims:
@@ -350,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      (f"`FaissListingIndex` searches exactly while listings x dim <= {EXACT_MAX_COMPONENTS:,} "
                       "(`EXACT_MAX_COMPONENTS`), and builds HNSW above.")]
     say(f"2. FAISS at {args.n:,} x {args.dim}")
-    scale = faiss_at_scale(args.n, args.dim, args.queries, args.latency_queries, args.ef_search, args.seed)
+    scale = faiss_at_scale(args.n, args.dim, args.queries, args.latency_queries, args.ef_search,
+                           args.ef_construction, args.seed)
     sections += [f"## 2. FAISS at {args.n:,} vectors of dim {args.dim}", scale]
     if args.pg_n:
         say(f"3. pgvector at {args.pg_n:,} x {args.dim}")

@@ -2,6 +2,8 @@
 # Install the services the test suite starts for itself: a PostgreSQL server (Debian `postgresql`).
 # Idempotent: does nothing when initdb is already on PATH or under /usr/lib/postgresql/*/bin.
 # The S3 endpoint needs no system package: the tests run `python -m moto.server` from the virtualenv.
+# Nor does PostgreSQL with pgvector (Debian's PostgreSQL 15 has no pgvector package): its binaries come from the
+# PyPI package pgserver of the dev extra, and tests/services.py runs them as the account installed here (postgres).
 set -euo pipefail
 
 if command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+from sqlalchemy import Engine, insert
 
+from marketplace_reco.data.database import open_engine
 from marketplace_reco.data.dataset import Marketplace, load_marketplace
 from marketplace_reco.data.sample import make_sample_marketplace
-from services import MotoS3Server, PostgresServer, find_postgres_bin_dir
+from marketplace_reco.data.schema import create_schema, products
+from services import MotoS3Server, PgvectorServer, PostgresServer, find_pgvector_bin_dir, find_postgres_bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MARKETPLACE = REPO_ROOT.parent / "shared" / "marketplace"
@@ -44,6 +49,23 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 def fresh_postgres_url(postgres_server: PostgresServer) -> str:
     """SQLAlchemy URL of a new, empty database for one test."""
     return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def pgvector_server() -> Iterator[PgvectorServer]:
+    """A private PostgreSQL 16 cluster with the pgvector extension; skipped only when pgserver is not installed."""
+    bin_dir = find_pgvector_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries with pgvector: the dev dependency pgserver is not installed "
+                    "(make install, or pip install -c requirements/constraints.txt -e '.[dev]')")
+    with PgvectorServer(bin_dir=bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def pgvector_url(pgvector_server: PgvectorServer) -> str:
+    """SQLAlchemy URL of a new database for one test, with the ``vector`` extension enabled."""
+    return pgvector_server.create_database(f"test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +121,61 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def sample_marketplace(sample_data: dict[str, str]) -> Marketplace:
     """The session's sample marketplace, loaded (``load_marketplace``)."""
     return load_marketplace(**sample_data)
+
+
+@dataclass(frozen=True)
+class ListingVectors:
+    """Tiny synthetic listings for the search tests: clustered unit vectors and the product fields filters use."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    categories: list[str]
+    prices: list[float]
+    locations: list[str]
+
+
+#: Category paths of the synthetic listings, one per vector cluster.
+SEARCH_CATEGORIES = (
+    "Home & Garden / Dining, Living Room Furniture / Sofas",
+    "Home & Garden / Dining, Living Room Furniture / Mirrors",
+    "Home & Garden / Garden & Patio",
+    "Home & Gardening Books",
+    "Sports, Leisure & Travel / Bicycles",
+    "Sports, Leisure & Travel / Camping",
+    "Computers & Software / Laptops",
+    "Computers & Software / Monitors",
+)
+SEARCH_LOCATIONS = ("Leeds, West Yorkshire", "Inverness, Highland", "Radstock, Somerset")
+
+
+@pytest.fixture(scope="session")
+def listing_vectors() -> ListingVectors:
+    """240 listings, dimension 16, in 8 clusters (one category each); prices 1.0 to 240.0 pounds."""
+    rng = np.random.default_rng(7)
+    n, dim = 240, 16
+    centres = rng.standard_normal((len(SEARCH_CATEGORIES), dim))
+    cluster = np.arange(n) % len(SEARCH_CATEGORIES)
+    vectors = (centres[cluster] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return ListingVectors(
+        ids=[f"listing-{number:03d}" for number in range(n)],
+        vectors=vectors,
+        categories=[SEARCH_CATEGORIES[c] for c in cluster],
+        prices=[float(number + 1) for number in range(n)],
+        locations=[SEARCH_LOCATIONS[number % len(SEARCH_LOCATIONS)] for number in range(n)],
+    )
+
+
+@pytest.fixture
+def pgvector_engine(pgvector_url: str, listing_vectors: ListingVectors) -> Iterator[Engine]:
+    """An engine on a new pgvector database whose products table holds the ``listing_vectors`` listings."""
+    engine = open_engine(pgvector_url)
+    create_schema(engine)
+    rows = [{"id": listing_id, "product_name": f"Product {listing_id}", "category": category, "price": price,
+             "location": location}
+            for listing_id, category, price, location in zip(listing_vectors.ids, listing_vectors.categories,
+                                                             listing_vectors.prices, listing_vectors.locations)]
+    with engine.begin() as conn:
+        conn.execute(insert(products), rows)
+    yield engine
+    engine.dispose()

@@ -1,13 +1,17 @@
-"""Real backing services for the tests: a throw-away PostgreSQL cluster and a moto S3 server.
+"""Real backing services for the tests: throw-away PostgreSQL clusters and a moto S3 server.
 
-Both run as subprocesses on a free loopback port with their own temporary state and are stopped
-by ``stop()`` (or on leaving the ``with`` block). Nothing here is mocked: the database is a real
-``postgres`` server and the S3 endpoint speaks the real HTTP protocol that boto3 talks to.
+The plain PostgreSQL server is Debian's (``scripts/install_services.sh``); the pgvector one runs PostgreSQL 16
+with the ``vector`` extension from the binaries that the PyPI package ``pgserver`` ships (a dev dependency),
+since Debian's PostgreSQL 15 has no pgvector package here. All of them run as subprocesses on a free loopback
+port with their own temporary state and are stopped by ``stop()`` (or on leaving the ``with`` block). Nothing
+here is mocked: the databases are real ``postgres`` servers and the S3 endpoint speaks the real HTTP protocol
+that boto3 talks to.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -60,6 +64,17 @@ def find_postgres_bin_dir() -> Path | None:
         if (Path(folder) / "initdb").exists() and (Path(folder) / "pg_ctl").exists():
             return Path(folder)
     return None
+
+
+def find_pgvector_bin_dir() -> Path | None:
+    """pgserver's PostgreSQL binaries, when the package is installed and ships the ``vector`` extension."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        return None
+    install = Path(spec.origin).parent / "pginstall"
+    if not (install / "share" / "postgresql" / "extension" / "vector.control").is_file():
+        return None
+    return install / "bin"
 
 
 def _run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -157,6 +172,49 @@ class PostgresServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+@dataclass
+class PgvectorServer(PostgresServer):
+    """A ``PostgresServer`` on pgserver's binaries, checked to offer the ``vector`` extension.
+
+    When the account that runs PostgreSQL cannot execute the binaries where pip put them (a virtualenv under
+    /root, say), pgserver's installation (about 35 MB) is copied into a temporary folder it can read, and deleted
+    by ``stop()``.
+    """
+
+    _copied_install: Path | None = field(default=None, init=False)
+
+    def _init_and_start(self) -> None:
+        user = _service_user()
+        if user is not None and _run_as(user, [str(self.bin_dir / "postgres"), "--version"]).returncode != 0:
+            self._copied_install = Path(tempfile.mkdtemp(prefix="marketplace-pgvector-bin-"))
+            os.chmod(self._copied_install, 0o755)
+            # The same layout as in site-packages: the binaries find their vendored libraries (libpq) through
+            # the relative RPATH $ORIGIN/../../../pgserver.libs.
+            package = self.bin_dir.parent.parent
+            shutil.copytree(package / "pginstall", self._copied_install / "pgserver" / "pginstall", symlinks=True)
+            vendored = package.parent / "pgserver.libs"
+            if vendored.is_dir():
+                shutil.copytree(vendored, self._copied_install / "pgserver.libs", symlinks=True)
+            self.bin_dir = self._copied_install / "pgserver" / "pginstall" / "bin"
+        super()._init_and_start()
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.superuser, dbname="template1")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                # In template1, so that every database created afterwards has it.
+                cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg2.Error as exc:
+            raise ServiceError(f"PostgreSQL from {self.bin_dir} cannot create the vector extension: {exc}") from exc
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._copied_install is not None:
+            shutil.rmtree(self._copied_install, ignore_errors=True)
+            self._copied_install = None
 
 
 @dataclass

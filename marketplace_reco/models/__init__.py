@@ -5,7 +5,7 @@ lives in ``marketplace_reco.training``.
 """
 
 from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
-from ._format import FORMAT_VERSION
+from ._format import CARD_FILE, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_config
 from ._hub import DEFAULT_REVISION, ResolvedCheckpoint, pull_checkpoint, push_checkpoint, resolve_checkpoint
 from ._registry import create_model, list_models, load_model, register_model
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
@@ -16,6 +16,10 @@ from .text_cnn import TextCNN
 from .word2vec import Word2VecEmbedding
 
 __all__ = [
+    "CARD_FILE",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "read_config",
     "DEFAULT_REVISION",
     "FORMAT_VERSION",
     "CheckpointError",

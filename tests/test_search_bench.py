@@ -1,0 +1,26 @@
+"""scripts/bench_search.py end to end on tiny sizes, against the tests' pgvector server: every section is measured
+and reported, and the saved-and-loaded index answers as before (the numbers themselves belong to the benchmark)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_search.py"
+
+
+def test_the_benchmark_reports_every_section(pgvector_url: str, tmp_path: Path) -> None:
+    report = tmp_path / "bench_search.md"
+    result = subprocess.run([
+        sys.executable, str(SCRIPT), "--n", "3000", "--dim", "32", "--queries", "20", "--latency-queries", "5", "--ef-search", "16", "64",
+        "--crossover-dims", "16", "--crossover-sizes", "100", "200", "--pg-n", "400", "--pg-url", pgvector_url,
+        "--pg-ef-search", "40", "--pg-memory", "64MB", "--pg-workers", "0", "--output", str(report),
+    ], capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr
+    text = report.read_text()
+    for heading in ("## 1. Exact search", "## 2. FAISS at 3,000 vectors of dim 32", "## 3. pgvector at 400 vectors"):
+        assert heading in text
+    assert "| from_pretrained |" in text and "| True |" in text
+    assert "| exact (IndexFlatIP) | - |" in text and "| HNSW M=32 efC=200 | 64 |" in text
+    assert "pgvector 0.6" in text and "| HNSW m=16 ef_construction=64 | 40 |" in text

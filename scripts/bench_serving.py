@@ -111,8 +111,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _listings(args: argparse.Namespace) -> list[Listing]:
+    """The first ``--listings`` listings that have a photo (every endpoint is sent the same ones)."""
     marketplace = load_marketplace(args.db_url, args.images)
-    products = marketplace.products.head(args.listings)
+    with_photos = marketplace.products[marketplace.products["image_ids"].map(len) > 0]
+    if with_photos.empty:
+        raise SystemExit(f"no listing with a photo in {marketplace.source['database']}")
+    products = with_photos.head(args.listings)
     image_ids = [ids[0] for ids in products["image_ids"]]
     photos = marketplace.image_store.get_many(image_ids)
     return [Listing(photos[image_id], text) for image_id, text in zip(image_ids, products["text"], strict=True)]

@@ -90,9 +90,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["MARKETPLACE_CHECKPOINTS"] = str(args.checkpoints.absolute())
     given = {name: getattr(args, name) for name in (*_OVERRIDABLE, "extra_models")}
     overrides = {name: value for name, value in given.items() if value is not None}
-    settings = ServingSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        settings = ServingSettings(**overrides)
+        app = create_app(settings)
+    except ValueError as exc:  # settings that cannot work (pydantic's ValidationError is one): say which, and stop
+        raise SystemExit(f"error: {exc}") from None
     config = uvicorn_config(app, settings, log_level=args.log_level)
     server = uvicorn.Server(config)
     photo = shlex.quote(str(args.example_photo)) if args.example_photo else "photo.jpg"

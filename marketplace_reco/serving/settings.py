@@ -93,6 +93,12 @@ class ServingSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="run one prediction per model before reporting ready")
 
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_means_no_file(cls, value: Any) -> Any:
+        # MARKETPLACE_API_KEYS_FILE= (empty) turns off a file the environment names, e.g. the Docker image's.
+        return None if value == "" else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_api_keys(cls, value: Any) -> Any:
@@ -129,7 +135,8 @@ class ServingSettings(BaseSettings):
             try:
                 lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"cannot read the API keys file {self.api_keys_file}: {exc}") from exc
+                raise ValueError(f"cannot read the API keys file {self.api_keys_file} (MARKETPLACE_API_KEYS_FILE): "
+                                 f"{exc}") from exc
             keys += [SecretStr(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
             if not keys:
                 raise ValueError(f"the API keys file {self.api_keys_file} holds no key")

@@ -223,13 +223,20 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     if args.checkpoints is not None:
         command += ["--checkpoints", str(args.checkpoints)]
     server = subprocess.Popen(command)
+    wait_until_ready(server, f"http://127.0.0.1:{port}")
+    return server
+
+
+def wait_until_ready(server: subprocess.Popen, url: str, log: Path | None = None) -> None:
+    """Poll ``<url>/ready`` until 200; stop (with the end of ``log``) if the server exits or takes too long."""
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
+            output = f":\n{log.read_text()[-3000:]}" if log is not None else ""
+            raise SystemExit(f"the server exited with code {server.returncode} before it was ready{output}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                return server
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.5)

@@ -53,6 +53,8 @@ class BodyTimeoutError(ApiError):
 
     status_code = 408
     code = "body_timeout"
+    # The client is stalled: keeping its connection would only keep waiting for it.
+    headers: ClassVar[dict[str, str] | None] = {"Connection": "close"}
 
     def __init__(self, timeout_s: float) -> None:
         super().__init__(f"the request body did not arrive within {timeout_s:g} s")

@@ -6,10 +6,9 @@ the app answers with a JSON 413. So no request ever holds more than the limit in
 (FastAPI's own ``max_body_size`` answers a declared oversize body in plain text, not in the API's JSON.)
 
 Time: the whole body must arrive within ``body_timeout_s`` of its headers; a read that would wait past that
-raises ``BodyTimeoutError`` (a JSON 408), so a client that stops mid-upload does not hold the request forever.
-
-A response sent before the body was read to its end (a refusal, an error) closes the connection: uvicorn
-would otherwise keep it open for the rest of a body nobody reads, as long as the client trickles it.
+raises ``BodyTimeoutError`` (a JSON 408 that closes the connection), so a client that stops mid-upload does
+not hold the request forever. (A body still arriving after an early answer, which the app never reads, is
+held to the same deadline by the connection, ``connections.py``.)
 """
 
 from __future__ import annotations
@@ -20,11 +19,6 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BodyTimeoutError, BodyTooLargeError, error_response
-
-
-def _has_body(headers: Headers) -> bool:
-    length = headers.get("content-length", "0")
-    return headers.get("transfer-encoding", "").lower() == "chunked" or not length.isdigit() or int(length) > 0
 
 
 class BodyLimitMiddleware:
@@ -39,20 +33,13 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        body_pending = _has_body(headers)
-
-        async def send_closing_if_unread(message: Message) -> None:
-            if message["type"] == "http.response.start" and body_pending:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        declared = headers.get("content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             error = BodyTooLargeError(self.max_body_bytes)
-            await error_response(error.status_code, error.code, error.message)(scope, receive, send_closing_if_unread)
+            await error_response(error.status_code, error.code, error.message)(scope, receive, send)
             return
         received = 0
+        body_pending = True
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def receive_within_limits() -> Message:
@@ -71,4 +58,4 @@ class BodyLimitMiddleware:
                 body_pending = message.get("more_body", False)
             return message
 
-        await self.app(scope, receive_within_limits, send_closing_if_unread)
+        await self.app(scope, receive_within_limits, send)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from marketplace_reco.data.dataset import load_marketplace
-from script_modules import SCRIPTS_DIR
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _script(name: str) -> dict[str, Any]:
-    """The globals of ``scripts/<name>.py``. (Not script_modules.load_script: its module is not in sys.modules
-    while it runs, and the dataclasses of the benchmarks need it there.)"""
-    return runpy.run_path(str(SCRIPTS_DIR / f"{name}.py"), run_name=f"scripts_{name}")
+    """The globals of ``scripts/<name>.py``, run as a module (its dataclasses need one in sys.modules)."""
+    return runpy.run_path(str(SCRIPTS / f"{name}.py"), run_name=f"scripts_{name}")
 
 
 def test_bench_serving_sends_only_listings_that_have_a_photo(sample_data: dict[str, str], tmp_path: Path) -> None:

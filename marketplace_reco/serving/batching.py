@@ -123,7 +123,7 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             _fail(batch, BatcherClosedError("the server is shutting down"))
             raise
-        except Exception as exc:  # noqa: BLE001 - the failure belongs to the waiting requests, not the worker
+        except Exception as exc:
             _fail(batch, exc)
         else:
             for (_, future), result in zip(batch, results, strict=True):

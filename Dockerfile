@@ -1,7 +1,12 @@
 # CPU serving image of marketplace_reco: the HTTP service on port 8008, as a non-root user.
 #
 #   docker build -t marketplace-reco .
-#   docker run -p 8008:8008 marketplace-reco
+#   docker run -p 8008:8008 -v "$PWD/api_keys:/run/secrets/api_keys:ro" marketplace-reco
+#
+# It listens on 0.0.0.0, so it wants API keys: one per line in /run/secrets/api_keys (a Compose or Swarm secret of
+# that name works as is), readable by uid 10001; it does not start without them. Clients send one as
+# "Authorization: Bearer <key>" or "X-API-Key: <key>"; /health and /ready stay open. -e MARKETPLACE_API_KEYS_FILE=
+# (empty) serves without keys, for a container only trusted hosts can reach.
 #
 # Models: checkpoints in ./checkpoints (image-classifier, text-cnn, fusion, as the training scripts name them)
 # are baked in under /models; or name others at start, e.g. -e MARKETPLACE_IMAGE_MODEL=user/repo or s3://bucket/name.
@@ -40,6 +45,8 @@ RUN /opt/venv/bin/pip install --no-deps .
 
 FROM ${BASE_IMAGE}
 ARG CHECKPOINTS_DIR=checkpoints
+# DL3064 takes MARKETPLACE_API_KEYS_FILE for a secret: it is where the keys are, not a key.
+# hadolint ignore=DL3064
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -48,7 +55,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MARKETPLACE_CHECKPOINTS=/models \
     MARKETPLACE_IMAGE_MODEL=image-classifier \
     MARKETPLACE_TEXT_MODEL=text-cnn \
-    MARKETPLACE_COMBINED_MODEL=fusion
+    MARKETPLACE_COMBINED_MODEL=fusion \
+    MARKETPLACE_API_KEYS_FILE=/run/secrets/api_keys
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --shell /usr/sbin/nologin app
 WORKDIR /home/app

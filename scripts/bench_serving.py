@@ -111,8 +111,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _listings(args: argparse.Namespace) -> list[Listing]:
+    """The first ``--listings`` listings that have a photo (every endpoint is sent the same ones)."""
     marketplace = load_marketplace(args.db_url, args.images)
-    products = marketplace.products.head(args.listings)
+    with_photos = marketplace.products[marketplace.products["image_ids"].map(len) > 0]
+    if with_photos.empty:
+        raise SystemExit(f"no listing with a photo in {marketplace.source['database']}")
+    products = with_photos.head(args.listings)
     image_ids = [ids[0] for ids in products["image_ids"]]
     photos = marketplace.image_store.get_many(image_ids)
     return [Listing(photos[image_id], text) for image_id, text in zip(image_ids, products["text"], strict=True)]
@@ -219,13 +223,20 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     if args.checkpoints is not None:
         command += ["--checkpoints", str(args.checkpoints)]
     server = subprocess.Popen(command)
+    wait_until_ready(server, f"http://127.0.0.1:{port}")
+    return server
+
+
+def wait_until_ready(server: subprocess.Popen, url: str, log: Path | None = None) -> None:
+    """Poll ``<url>/ready`` until 200; stop (with the end of ``log``) if the server exits or takes too long."""
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
+            output = f":\n{log.read_text()[-3000:]}" if log is not None else ""
+            raise SystemExit(f"the server exited with code {server.returncode} before it was ready{output}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                return server
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.5)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Docker smoke test, run here: build the serving image, start it, check /ready and one prediction per endpoint.
+# Docker smoke test, run here: build the serving image, start it with an API key, check /ready and one prediction
+# per endpoint with the key, and a 401 without it.
 #
 # Here means: no registry (the base image is built locally by scripts/build_base_image.sh), no Docker engine
 # (docker/ensure_dockerd.sh starts one: vfs storage, no bridge; builds and containers use --network host),
@@ -83,10 +84,14 @@ docker build --network host \
     -t "$image" "$here" >"$workdir/build.log" 2>&1 || { tail -n 40 "$workdir/build.log"; exit 1; }
 echo "built in $((SECONDS - started)) s"
 
-step "run"
+step "run (with an API key, as the image wants)"
 port=$(free_port)
+"$python" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$workdir/api_keys"
+chmod a+r "$workdir/api_keys"
+api_key=$(head -n 1 "$workdir/api_keys")
 docker run -d --name "$container" --network host \
     -e MARKETPLACE_HOST=127.0.0.1 -e MARKETPLACE_PORT="$port" \
+    -v "$workdir/api_keys:/run/secrets/api_keys:ro" \
     -v "$workdir/models:/models:ro" "$image" >/dev/null
 url=http://127.0.0.1:$port
 for _ in $(seq 300); do
@@ -120,11 +125,14 @@ EOF
 check() {  # endpoint, then curl arguments: print the answer; fail unless it is a prediction
     local endpoint=$1
     shift
-    "$python" "$workdir/show.py" "$endpoint" "$(curl -sS -f "$@" "$url/$endpoint")"
+    "$python" "$workdir/show.py" "$endpoint" "$(curl -sS -f -H "X-API-Key: $api_key" "$@" "$url/$endpoint")"
 }
 check image -F "image=@$workdir/photo.jpg"
 check text -H 'Content-Type: application/json' -d '{"text": "Solid oak dining table with four chairs"}'
 check combined -F "img=@$workdir/photo.jpg" -F "txt=Solid oak dining table with four chairs"
+without_key=$(curl -sS -o /dev/null -w '%{http_code}' -F "image=@$workdir/photo.jpg" "$url/image")
+echo "POST /image without the key -> $without_key"
+[ "$without_key" = 401 ]
 
 step "health check"
 for _ in $(seq 90); do

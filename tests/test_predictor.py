@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from marketplace_reco.data.errors import CorruptImageError, ImageTooLargeError
 from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models import create_model, load_model
-from marketplace_reco.serving import Prediction, Predictor, PredictorInputError
+from marketplace_reco.serving import ModelOutputError, Prediction, Predictor, PredictorInputError
 from marketplace_reco.training.hog_svm import fit
 
 CLASSES = ["Electronics", "Fashion", "Home & Garden"]
@@ -28,6 +29,18 @@ def _photo(color: tuple[int, int, int], stripes: str = "none") -> Image.Image:
         elif stripes == "horizontal":
             image.paste((0, 0, 0), (0, offset, 80, offset + 4))
     return image
+
+
+def overflowing_image_classifier(classes: list[str]) -> torch.nn.Module:
+    """An image classifier with finite weights whose logits overflow: its probabilities are nan for any photo."""
+    model = create_model("image-classifier", classes=classes, backbone="test_resnet", preprocessing={"image_size": 32},
+                         feature_dim=8)
+    with torch.no_grad():  # every feature is 1, every logit 8 x 3e38 + 3e38 = inf, so softmax gives nan
+        model.feature[0].weight.zero_()
+        model.feature[0].bias.fill_(1.0)
+        model.head[1].weight.fill_(3e38)
+        model.head[1].bias.fill_(3e38)
+    return model
 
 
 def _png(image: Image.Image) -> bytes:
@@ -143,3 +156,10 @@ def test_bad_photos_raise_the_data_layers_errors(named: Path) -> None:
 def test_only_classifiers_make_predictors(named: Path) -> None:
     with pytest.raises(PredictorInputError, match="not a classifier"):
         Predictor.from_pretrained("word2vec")
+
+
+def test_probabilities_that_are_not_finite_are_refused_not_returned() -> None:
+    predictor = Predictor(overflowing_image_classifier(CLASSES), name="overflowing")
+    assert all(torch.isfinite(parameter).all() for parameter in predictor.model.parameters())
+    with pytest.raises(ModelOutputError, match=r"'overflowing' .* not finite numbers for 2 of its 2 inputs"):
+        predictor.predict_batch(images=[_photo((9, 9, 9)), _photo((200, 9, 9))])

@@ -1,4 +1,5 @@
-"""MicroBatcher: concurrent inputs are gathered into batches, results and errors reach the right callers."""
+"""MicroBatcher: concurrent inputs are gathered into batches, results and errors reach the right callers; its
+queue is bounded. PixelBudget: the decoded pixels requests may hold at once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from marketplace_reco.serving.batching import BatcherClosedError, MicroBatcher
+from marketplace_reco.serving.batching import BatcherClosedError, BatcherFullError, MicroBatcher
+from marketplace_reco.serving.pool import PixelBudget
 
 Batcher = MicroBatcher[int, int]
 
@@ -146,3 +148,68 @@ def test_stop_fails_waiting_inputs_and_a_stopped_batcher_refuses_new_ones() -> N
 def test_max_batch_size_must_be_positive() -> None:
     with ThreadPoolExecutor(max_workers=1) as executor, pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(lambda items: items, executor=executor, max_batch_size=0, max_wait_s=0.0)
+
+
+def test_inputs_that_would_overflow_the_queue_are_refused_at_once() -> None:
+    async def body() -> None:
+        release = threading.Event()
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(lambda items: release.wait(5) and items, executor=executor,
+                                   max_batch_size=1, max_wait_s=0.0, max_queued=2)
+            batcher.start()
+            try:
+                running = asyncio.ensure_future(batcher.submit(1))
+                await asyncio.sleep(0.05)  # taken by the worker, which now waits for the release
+                queued = asyncio.ensure_future(batcher.submit_many([2, 3]))
+                await asyncio.sleep(0.01)
+                with pytest.raises(BatcherFullError, match="2 inputs are waiting already, at most 2"):
+                    await batcher.submit(4)
+                with pytest.raises(BatcherFullError):
+                    batcher.check_room(1)
+                release.set()
+                assert await running == 1 and await queued == [2, 3]
+                assert await batcher.submit_many([5, 6]) == [5, 6]  # room again
+            finally:
+                release.set()
+                await batcher.stop()
+
+    asyncio.run(body())
+
+
+def test_a_pixel_budget_lets_requests_in_first_come_first_served_as_room_frees() -> None:
+    async def body() -> list[str]:
+        budget = PixelBudget(100)
+        events = []
+
+        async def request(name: str, pixels: int, hold_s: float) -> None:
+            async with budget.hold(pixels):
+                events.append(f"{name} in ({budget.held} held)")
+                await asyncio.sleep(hold_s)
+            events.append(f"{name} out")
+
+        first = asyncio.ensure_future(request("a", 60, 0.1))
+        await asyncio.sleep(0.01)
+        large = asyncio.ensure_future(request("b", 70, 0.01))  # waits for a
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(request("c", 10, 0.01))  # would fit now, but b came first
+        await asyncio.gather(first, large, small)
+        assert budget.held == 0
+        return events
+
+    events = asyncio.run(body())
+    assert events[:3] == ["a in (60 held)", "a out", "b in (70 held)"]
+    assert events.index("c in (80 held)") < events.index("b out")
+
+
+def test_a_request_that_gives_up_waiting_takes_no_room() -> None:
+    async def body() -> int:
+        budget = PixelBudget(100)
+        async with budget.hold(90):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    async with budget.hold(20):
+                        pass
+            async with budget.hold(10):
+                return budget.held
+
+    assert asyncio.run(body()) == 100

@@ -1,7 +1,8 @@
 """The HTTP service over real HTTP: uvicorn on a loopback port, tiny real models, httpx clients.
 
 Covers every endpoint, the original clients' field names, batch variants, every bad-input case (each a
-JSON error, never a 500), readiness, metrics and a concurrent burst.
+JSON error, never a 500), readiness, metrics and a concurrent burst. Limits, deadlines and API keys:
+test_serving_reliability.py, which shares this module's server and models.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from marketplace_reco.data.text import TextPreprocessor
 from marketplace_reco.models import create_model
 from marketplace_reco.models.fusion import FusionClassifier
 from marketplace_reco.serving import Predictor, ServingSettings, create_app
+from marketplace_reco.serving.connections import uvicorn_config
 
 CLASSES = ["Electronics", "Fashion", "Home & Garden"]
 VOCABULARY = ["<pad>", "<unk>", "phone", "charger", "dress", "sofa", "tabl"]
@@ -35,13 +37,14 @@ MAX_ITEMS = 8
 
 
 class LoopbackServer:
-    """uvicorn serving ``app`` in a background thread on a free 127.0.0.1 port."""
+    """uvicorn serving ``app`` in a background thread on a free 127.0.0.1 port, configured as the CLI does."""
 
     def __init__(self, app: FastAPI) -> None:
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.address = self._socket.getsockname()
+        self.url = f"http://127.0.0.1:{self.address[1]}"
+        self._server = uvicorn.Server(uvicorn_config(app, app.state.settings, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
     def __enter__(self) -> LoopbackServer:
@@ -73,7 +76,7 @@ class LoopbackServer:
         raise TimeoutError(f"not ready after {timeout_s} s: {httpx.get(f'{self.url}/ready').text}")
 
 
-def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes:
+def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> bytes:
     buffer = io.BytesIO()
     image = Image.new("RGB", size, color)
     image.paste((255 - color[0], color[1], 255 - color[2]), (10, 10, size[0] // 2, size[1] // 2))
@@ -81,7 +84,7 @@ def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (96, 64)) -> byte
     return buffer.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG that claims ``width`` x ``height`` pixels: a decompression bomb's calling card."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -92,13 +95,11 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
-RED, GREEN = _jpeg((200, 30, 30)), _jpeg((30, 200, 60))
+RED, GREEN = jpeg((200, 30, 30)), jpeg((30, 200, 60))
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny untrained checkpoints of every served kind, saved and then loaded by name like trained ones."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+def save_tiny_checkpoints(folder: Path) -> Path:
+    """Tiny untrained checkpoints of every served kind in ``folder``, to be loaded by name like trained ones."""
     image = create_model("image-classifier", classes=CLASSES, backbone="test_resnet", preprocessing={"image_size": 32},
                          feature_dim=8)
     text = create_model("text-cnn", classes=CLASSES, vocabulary=VOCABULARY,
@@ -109,6 +110,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     FusionClassifier.from_branches(image, text).save_pretrained(folder / "fusion")
     create_model("hog-svm", classes=CLASSES).save_pretrained(folder / "hog-svm")
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,8 @@ def client(server: LoopbackServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def _error(response: httpx.Response, status: int, code: str) -> str:
+def error_message(response: httpx.Response, status: int, code: str) -> str:
+    """The message of a JSON error, after checking its status and code."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
@@ -165,9 +172,9 @@ def test_models_list_and_one_model(client: httpx.Client) -> None:
 
 
 def test_unknown_model_is_404(client: httpx.Client) -> None:
-    assert "nope" in _error(client.get("/models/nope"), 404, "unknown_model")
-    assert "user/repo" in _error(client.get("/models/user/repo"), 404, "unknown_model")
-    _error(client.post("/image", params={"model": "nope"}, files={"image": RED}), 404, "unknown_model")
+    assert "nope" in error_message(client.get("/models/nope"), 404, "unknown_model")
+    assert "user/repo" in error_message(client.get("/models/user/repo"), 404, "unknown_model")
+    error_message(client.post("/image", params={"model": "nope"}, files={"image": RED}), 404, "unknown_model")
 
 
 def test_openapi_documents_the_endpoints(client: httpx.Client) -> None:
@@ -271,9 +278,9 @@ def test_combined_batch_pairs_the_ith_photo_with_the_ith_text(client: httpx.Clie
     ({"files": {"image": ("x.jpg", b"this is not an image", "image/jpeg")}}, 400, "bad_image", "x.jpg"),
     ({"files": {"image": ("cut.jpg", RED[: len(RED) // 2], "image/jpeg")}}, 400, "bad_image", "cut.jpg"),
     ({"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 400, "bad_image", "empty.jpg"),
-    ({"files": {"image": ("big.png", _png_header_only(5_000, 5_000), "image/png")}}, 413, "image_too_large",
+    ({"files": {"image": ("big.png", png_header_only(5_000, 5_000), "image/png")}}, 413, "image_too_large",
      "25,000,000 pixels"),
-    ({"files": {"image": ("bomb.png", _png_header_only(30_000, 30_000), "image/png")}}, 413, "image_too_large",
+    ({"files": {"image": ("bomb.png", png_header_only(30_000, 30_000), "image/png")}}, 413, "image_too_large",
      "decompression bomb"),
     ({"files": {"image": ("notes.txt", b"hello", "text/plain")}}, 415, "unsupported_media_type", "text/plain"),
     ({"json": {"image": "aGVsbG8="}}, 415, "unsupported_media_type", "application/json"),
@@ -283,7 +290,7 @@ def test_combined_batch_pairs_the_ith_photo_with_the_ith_text(client: httpx.Clie
     ({"files": [("image", RED), ("image", GREEN)]}, 422, "invalid_input", "/image/batch"),
 ])
 def test_bad_image_requests(client: httpx.Client, request_kwargs: dict, status: int, code: str, says: str) -> None:
-    assert says in _error(client.post("/image", **request_kwargs), status, code)
+    assert says in error_message(client.post("/image", **request_kwargs), status, code)
 
 
 @pytest.mark.parametrize(("request_kwargs", "status", "code", "says"), [
@@ -301,7 +308,7 @@ def test_bad_image_requests(client: httpx.Client, request_kwargs: dict, status: 
     ({"json": {"text": "a phone"}, "params": {"model": "image-classifier"}}, 422, "invalid_input", "'image'"),
 ])
 def test_bad_text_requests(client: httpx.Client, request_kwargs: dict, status: int, code: str, says: str) -> None:
-    assert says in _error(client.post("/text", **request_kwargs), status, code)
+    assert says in error_message(client.post("/text", **request_kwargs), status, code)
 
 
 @pytest.mark.parametrize(("path", "request_kwargs", "says"), [
@@ -310,7 +317,6 @@ def test_bad_text_requests(client: httpx.Client, request_kwargs: dict, status: i
     ("/combined/batch", {"files": [("image", RED), ("image", GREEN)], "data": {"text": "a phone"}},
      "one text per image"),
     ("/text/batch", {"json": {"texts": []}}, "at least 1"),
-    ("/text/batch", {"json": {"texts": ["phone"] * (MAX_ITEMS + 1)}}, f"at most {MAX_ITEMS}"),
 ])
 def test_bad_combined_and_batch_requests(client: httpx.Client, path: str, request_kwargs: dict, says: str) -> None:
     response = client.post(path, **request_kwargs)
@@ -318,15 +324,26 @@ def test_bad_combined_and_batch_requests(client: httpx.Client, path: str, reques
     assert says in response.json()["error"]["message"]
 
 
-def test_too_many_photos_in_a_batch(client: httpx.Client) -> None:
-    files = [("image", RED)] * (MAX_ITEMS + 1)
-    _error(client.post("/image/batch", files=files), 400, "bad_request")  # the form parser's own file limit
+@pytest.mark.parametrize(("path", "request_kwargs", "says"), [
+    ("/image/batch", {"files": [("image", RED)] * (MAX_ITEMS + 1)}, f"at most {MAX_ITEMS} images"),
+    ("/text/batch", {"json": {"texts": ["phone"] * (MAX_ITEMS + 1)}}, f"at most {MAX_ITEMS} texts"),
+    ("/text/batch", {"data": {"text": ["phone"] * (MAX_ITEMS + 1)}}, f"at most {MAX_ITEMS} texts"),
+    ("/text/batch", {"files": [("text", (None, "phone"))] * (MAX_ITEMS + 1)}, f"at most {MAX_ITEMS} texts"),
+    ("/combined/batch", {"files": [("image", RED)] * 2, "data": {"text": ["phone"] * (MAX_ITEMS + 1)}},
+     f"at most {MAX_ITEMS} texts"),
+    ("/text/batch", {"data": {"text": "phone", "other": ["x"] * (MAX_ITEMS + 1)}}, f"at most {MAX_ITEMS} other"),
+    ("/text/batch", {"data": {"text": "phone", "other": ["x"] * (3 * MAX_ITEMS)}}, "other fields per request"),
+])
+def test_too_many_inputs_is_one_status_and_code_for_photos_and_texts_form_or_json(
+        client: httpx.Client, path: str, request_kwargs: dict, says: str) -> None:
+    """Issue 19: 65 photos were a 400 (the form parser's file limit) and 65 texts a 422."""
+    assert says in error_message(client.post(path, **request_kwargs), 413, "too_many_inputs")
 
 
 def test_body_over_the_limit_is_413_with_content_length(client: httpx.Client) -> None:
     big = b"\xff" * (MAX_BODY_BYTES + 1)
     response = client.post("/image", files={"image": ("big.jpg", big, "image/jpeg")})
-    assert "262,144" in _error(response, 413, "body_too_large")
+    assert "262,144" in error_message(response, 413, "body_too_large")
 
 
 def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
@@ -344,14 +361,14 @@ def test_chunked_body_over_the_limit_is_413(client: httpx.Client) -> None:
     response = client.post("/image", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert response.request.headers["transfer-encoding"] == "chunked"
     assert "content-length" not in response.request.headers
-    _error(response, 413, "body_too_large")
+    error_message(response, 413, "body_too_large")
     assert sent > MAX_BODY_BYTES
     assert client.get("/health").status_code == 200  # same connection, still serving
 
 
 def test_unknown_route_and_wrong_method_are_json(client: httpx.Client) -> None:
-    assert "/nowhere" in _error(client.get("/nowhere"), 404, "not_found")
-    _error(client.get("/image"), 405, "method_not_allowed")
+    assert "/nowhere" in error_message(client.get("/nowhere"), 404, "not_found")
+    error_message(client.get("/image"), 405, "method_not_allowed")
 
 
 def test_the_server_survives_bad_input(client: httpx.Client) -> None:
@@ -426,8 +443,8 @@ def test_a_model_that_fails_to_load_keeps_ready_503_and_says_why(checkpoints: Pa
         # hog-svm is an image model, so it cannot answer /text: refused at load time, with the reason.
         assert "input kind 'text'" in statuses[str(checkpoints / "hog-svm")]
         assert http.get("/health").status_code == 200
-        _error(http.post("/image", files={"image": RED}), 503, "model_not_ready")
-        message = _error(http.post("/combined", files={"image": RED}, data={"text": "a"}), 404, "unknown_model")
+        error_message(http.post("/image", files={"image": RED}), 503, "model_not_ready")
+        message = error_message(http.post("/combined", files={"image": RED}, data={"text": "a"}), 404, "unknown_model")
         assert "MARKETPLACE_COMBINED_MODEL" in message
 
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: routers, shared state, JSON errors, metrics, body limit and model lifespan."""
+"""The FastAPI application: routers, API keys, shared state, JSON errors, metrics, body limits, model lifespan."""
 
 from __future__ import annotations
 
@@ -8,29 +8,32 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .auth import ApiKeyCheck
 from .errors import ApiError, error_response
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .pool import ModelPool
-from .routers import health, models, predict
+from .routers import health, models, predict, prometheus
 from .settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """Predicts the root category of a second-hand marketplace listing from its photo (`/image`),
-its text (`/text`) or both (`/combined`). Every error is JSON: `{"error": {"code": ..., "message": ...}}`."""
+its text (`/text`) or both (`/combined`). Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
+A server configured with API keys wants one on every route but `/health`, `/ready` and these docs:
+`Authorization: Bearer <key>` or `X-API-Key: <key>`."""
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -60,6 +63,9 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     if not settings.endpoint_models() and not settings.extra_models:
         raise ValueError("no model to serve: set MARKETPLACE_IMAGE_MODEL, MARKETPLACE_TEXT_MODEL "
                          "and/or MARKETPLACE_COMBINED_MODEL (checkpoint names, folders, s3:// or hub ids)")
+    api_keys = settings.accepted_api_keys()
+    # Only with keys: the OpenAPI schema then shows the key schemes on exactly the routes that need one.
+    needs_key = [Depends(ApiKeyCheck(api_keys))] if api_keys else []
     metrics = Metrics()
 
     @asynccontextmanager
@@ -77,14 +83,16 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app = FastAPI(title="marketplace_reco", version=__version__, description=_DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    # Last added runs first: metrics also count the 413s of the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Last added runs first: metrics also count the 413s and 408s of the body limits.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(health.router)
-    app.include_router(predict.router)
-    app.include_router(models.router)
+    app.include_router(predict.router, dependencies=needs_key)
+    app.include_router(models.router, dependencies=needs_key)
+    app.include_router(prometheus.router, dependencies=needs_key)
     return app

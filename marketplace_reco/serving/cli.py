@@ -1,7 +1,8 @@
 """Command line of the service: ``python -m marketplace_reco.serving`` (and ``scripts/serve.py``).
 
 Arguments override the ``MARKETPLACE_*`` environment variables; once every model is loaded, example
-``curl`` commands for this server are printed.
+``curl`` commands for this server are printed. API keys are read from the environment or a file only, never
+from arguments, which every user of the machine can see in the process list.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .connections import uvicorn_config
 from .settings import ServingSettings
 
 _OVERRIDABLE = ("image_model", "image_model_revision", "text_model", "text_model_revision", "combined_model",
                 "combined_model_revision", "host", "port", "max_body_bytes", "max_image_pixels",
-                "max_items_per_request", "max_batch_size", "max_batch_wait_ms", "torch_threads")
+                "max_request_pixels", "max_pixels_in_flight", "max_request_text_chars", "max_items_per_request",
+                "max_batch_size", "max_batch_wait_ms", "max_queued_inputs", "inference_timeout_s",
+                "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "api_keys_file", "torch_threads")
 _ANNOUNCE_POLL_S = 0.2
 
 
@@ -46,16 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _examples(settings: ServingSettings, photo: str) -> str:
+def _examples(settings: ServingSettings, photo: str, needs_key: bool) -> str:
     base = f"http://{settings.host}:{settings.port}"
     lines = [f"marketplace_reco is ready on {base} (API docs: {base}/docs). Try:"]
+    # Never the key itself: it would end up in logs.
+    curl = "curl -H 'X-API-Key: <your key>'" if needs_key else "curl"
     if settings.image_model:
-        lines.append(f"  curl -F image=@{photo} {base}/image")
+        lines.append(f"  {curl} -F image=@{photo} {base}/image")
     if settings.text_model:
         text = shlex.quote('{"text": "Grey three-seater sofa, barely used"}')
-        lines.append(f"  curl -H 'Content-Type: application/json' -d {text} {base}/text")
+        lines.append(f"  {curl} -H 'Content-Type: application/json' -d {text} {base}/text")
     if settings.combined_model:
-        lines.append(f"  curl -F image=@{photo} -F 'text=Grey three-seater sofa' {base}/combined")
+        lines.append(f"  {curl} -F image=@{photo} -F 'text=Grey three-seater sofa' {base}/combined")
     return "\n".join(lines)
 
 
@@ -84,11 +90,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["MARKETPLACE_CHECKPOINTS"] = str(args.checkpoints.absolute())
     given = {name: getattr(args, name) for name in (*_OVERRIDABLE, "extra_models")}
     overrides = {name: value for name, value in given.items() if value is not None}
-    settings = ServingSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    try:
+        settings = ServingSettings(**overrides)
+        app = create_app(settings)
+    except ValueError as exc:  # settings that cannot work (pydantic's ValidationError is one): say which, and stop
+        raise SystemExit(f"error: {exc}") from None
+    config = uvicorn_config(app, settings, log_level=args.log_level)
     server = uvicorn.Server(config)
     photo = shlex.quote(str(args.example_photo)) if args.example_photo else "photo.jpg"
+    examples = _examples(settings, photo, needs_key=bool(settings.accepted_api_keys()))
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(_serve(server, app, _examples(settings, photo)))
+        runner.run(_serve(server, app, examples))

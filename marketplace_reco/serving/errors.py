@@ -1,12 +1,19 @@
-"""Errors the service answers with: each carries its HTTP status and a stable machine-readable code."""
+"""Errors the service answers with: each carries its HTTP status and a stable machine-readable code.
+
+Every excess of a limit is a 413, whatever was counted (bytes, pixels, characters, inputs), each with its own
+code; every refusal because the server is busy is a 503 with ``Retry-After``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi.responses import JSONResponse
 
 from .schemas import ErrorDetail, ErrorResponse
+
+#: What a 503 tells clients to wait before they try again: a micro-batch takes milliseconds to a second.
+RETRY_AFTER_S = 1
 
 
 class ApiError(Exception):
@@ -14,6 +21,7 @@ class ApiError(Exception):
 
     status_code = 500
     code = "internal_error"
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,6 +33,14 @@ class BadImageError(ApiError):
     code = "bad_image"
 
 
+class UnauthorizedError(ApiError):
+    """No API key, or one the server does not accept (only when the server has keys)."""
+
+    status_code = 401
+    code = "unauthorized"
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+
+
 class NoModelError(ApiError):
     """The endpoint has no model configured, or the requested model is not served."""
 
@@ -32,9 +48,50 @@ class NoModelError(ApiError):
     code = "unknown_model"
 
 
+class BodyTimeoutError(ApiError):
+    """The request body did not arrive in time (a client that stalls mid-upload)."""
+
+    status_code = 408
+    code = "body_timeout"
+    # The client is stalled: keeping its connection would only keep waiting for it.
+    headers: ClassVar[dict[str, str] | None] = {"Connection": "close"}
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
+
+
 class ImageTooLargeApiError(ApiError):
     status_code = 413
     code = "image_too_large"
+
+
+class BodyTooLargeError(ApiError):
+    status_code = 413
+    code = "body_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than the limit of {limit:,} bytes")
+
+
+class TooManyInputsError(ApiError):
+    """More images, texts or other form fields in one request than allowed."""
+
+    status_code = 413
+    code = "too_many_inputs"
+
+
+class TooManyPixelsError(ApiError):
+    """The photos of one request declare more pixels in all than allowed."""
+
+    status_code = 413
+    code = "too_many_pixels"
+
+
+class TextTooLongError(ApiError):
+    """The texts of one request have more characters in all than allowed."""
+
+    status_code = 413
+    code = "text_too_long"
 
 
 class UnsupportedMediaTypeError(ApiError):
@@ -47,17 +104,36 @@ class InvalidInputError(ApiError):
     code = "invalid_input"
 
 
+class ModelOutputInvalidError(ApiError):
+    """The model answered with probabilities that are not finite numbers: it is broken, not the input."""
+
+    status_code = 500
+    code = "model_output_invalid"
+
+
 class ModelNotReadyError(ApiError):
     status_code = 503
     code = "model_not_ready"
 
 
-class BodyTooLargeError(ApiError):
-    status_code = 413
-    code = "body_too_large"
+class OverloadedError(ApiError):
+    """The model's queue is full: the request is refused at once rather than left to wait."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than the limit of {limit:,} bytes")
+    status_code = 503
+    code = "overloaded"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class InferenceTimeoutError(ApiError):
+    """The prediction did not finish within the per-request deadline."""
+
+    status_code = 503
+    code = "inference_timeout"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": str(RETRY_AFTER_S)}
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the prediction did not finish within {timeout_s:g} s; the server is busy, "
+                         f"try again in {RETRY_AFTER_S} s")
 
 
 def error_response(status_code: int, code: str, message: str, details: list[dict[str, Any]] | None = None,

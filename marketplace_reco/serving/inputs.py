@@ -3,28 +3,53 @@
 The field names are ``image`` and ``text``; the original service's clients send ``img`` and ``txt``,
 which are accepted too. Photos must be file uploads; a file declared as something other than an image
 is refused with 415 before any decoding.
+
+Every request is held to the same budgets, form or JSON, and each excess is a 413 with its own code
+(``errors.py``): at most ``max_items_per_request`` images and texts (and other form fields), at most
+``max_request_text_chars`` characters of text in all, and at most ``max_request_pixels`` pixels of photos in
+all, read from the photos' headers before any of them is decoded. Form text must be UTF-8 (or the charset
+the request declares): anything else is refused with the field's name, never decoded into replacement
+characters or Latin-1 guesses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import io
+import math
+import warnings
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
+from ..data.errors import ImageTooLargeError
 from .dependencies import SettingsDep
-from .errors import InvalidInputError, UnsupportedMediaTypeError
+from .errors import (
+    ImageTooLargeApiError,
+    InvalidInputError,
+    TextTooLongError,
+    TooManyInputsError,
+    TooManyPixelsError,
+    UnsupportedMediaTypeError,
+)
 from .pool import ImageUpload
 from .schemas import TextBatchRequest, TextRequest
 from .settings import ServingSettings
 
 IMAGE_FIELDS = ("image", "img")
 TEXT_FIELDS = ("text", "txt")
-_FORM_MEDIA_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_MULTIPART = "multipart/form-data"
+_URLENCODED = "application/x-www-form-urlencoded"
+_FORM_MEDIA_TYPES = (_MULTIPART, _URLENCODED)
 _JSON_MEDIA_TYPE = "application/json"
 
 
@@ -40,21 +65,127 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def _field_kind(name: str) -> str:
+    return "image" if name in IMAGE_FIELDS else "text" if name in TEXT_FIELDS else "other field"
+
+
+class _FieldCounter:
+    """Counts a form's fields by kind as they arrive; the first one over the limit is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str) -> None:
+        kind = _field_kind(name)
+        self._counts[kind] += 1
+        if self._counts[kind] > self._limit:
+            raise TooManyInputsError(f"at most {self._limit} {kind}s per request")
+
+
+def _not_utf8(name: str, reason: str) -> InvalidInputError:
+    return InvalidInputError(f"the field {name!r} is not UTF-8 text ({reason}); send text encoded as UTF-8")
+
+
+class _CheckedMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, counting fields as they arrive and refusing text that does not decode.
+
+    (Starlette itself decodes such text as Latin-1 without a word, so 'café' sent in another encoding would
+    be predicted as 'cafÃ©' or worse.)
+    """
+
+    def __init__(self, headers: Headers, stream: AsyncGenerator[bytes, None], *, max_items: int,
+                 max_body_bytes: int) -> None:
+        # The counter replaces starlette's file and field counts; the body limit bounds any one part.
+        super().__init__(headers, stream, max_files=math.inf, max_fields=math.inf, max_part_size=max_body_bytes)
+        self._counter = _FieldCounter(max_items)
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        self._counter.add(self._current_part.field_name)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None and part.field_name in TEXT_FIELDS:
+            try:
+                part.data.decode(self._charset)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(part.field_name, f"{exc.reason} at byte {exc.start}") from None
+        super().on_part_end()
+
+
+async def _parse_multipart(request: Request, settings: ServingSettings) -> FormData:
+    parser = _CheckedMultiPartParser(request.headers, request.stream(), max_items=settings.max_items_per_request,
+                                     max_body_bytes=settings.max_body_bytes)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:  # malformed multipart: what starlette answers, as the API's JSON
+        raise HTTPException(status_code=400, detail=exc.message) from exc
+
+
+async def _parse_urlencoded(request: Request, settings: ServingSettings) -> FormData:
+    body = await request.body()
+    limit = settings.max_items_per_request
+    if body.count(b"&") >= 3 * limit:  # bounded before parsing: a field is a few bytes
+        raise TooManyInputsError(f"at most {limit} images, {limit} texts and {limit} other fields per request")
+    try:
+        # Clients may send UTF-8 raw (curl -d) or percent-encoded; both must decode.
+        decoded = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"the form is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    counter = _FieldCounter(limit)
+    pairs = parse_qsl(decoded, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+    for name, value in pairs:
+        counter.add(name)
+        # surrogateescape keeps undecodable percent-encoded bytes as lone surrogates, which UTF-8 cannot encode.
+        if name in TEXT_FIELDS and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _not_utf8(name, "a percent-encoded byte sequence does not decode") from None
+    return FormData(pairs)
+
+
 def _form_values(form: FormData, names: tuple[str, ...]) -> list[str | UploadFile]:
     """The values of any of ``names`` in the order they were sent (``image`` and ``img`` may be mixed)."""
     return [value for name, value in form.multi_items() if name in names]
 
 
-async def _read_images(form: FormData) -> list[ImageUpload]:
+def _declared_pixels(data: bytes, name: str, max_image_pixels: int) -> int:
+    """Pixels a photo's header declares, read without decoding (PIL opens lazily); 0 when it does not open.
+
+    A photo whose header does not open is refused by decoding, with its reason, before any pixel is decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.width * image.height
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeApiError(str(ImageTooLargeError(name, None, max_image_pixels))) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return 0
+    if pixels > max_image_pixels:
+        raise ImageTooLargeApiError(str(ImageTooLargeError(name, pixels, max_image_pixels)))
+    return pixels
+
+
+async def _read_images(form: FormData, settings: ServingSettings) -> list[ImageUpload]:
     uploads = []
-    for value in _form_values(form, IMAGE_FIELDS):
+    for index, value in enumerate(_form_values(form, IMAGE_FIELDS)):
         if not isinstance(value, UploadFile):
             raise InvalidInputError("the field 'image' must be a file upload (multipart/form-data), not a text value")
         declared = _media_type(value.content_type)
         # Clients that do not know the type send none or octet-stream; the decoder decides then.
         if declared and declared != "application/octet-stream" and not declared.startswith("image/"):
             raise UnsupportedMediaTypeError(f"the file {value.filename or '(unnamed)'!r} is {declared}, not an image")
-        uploads.append(ImageUpload(await value.read(), value.filename))
+        data = await value.read()
+        name = value.filename or f"#{index}"
+        uploads.append(ImageUpload(data, name, _declared_pixels(data, name, settings.max_image_pixels)))
+    total = sum(upload.pixels for upload in uploads)
+    if total > settings.max_request_pixels:
+        raise TooManyPixelsError(f"the photos of this request have {total:,} pixels in all, more than the limit of "
+                                 f"{settings.max_request_pixels:,} per request; send fewer or smaller photos")
     return uploads
 
 
@@ -75,12 +206,19 @@ def _parse_json(model: type[BaseModel], body: bytes) -> Any:
         raise RequestValidationError(errors, body=body) from exc
 
 
+def _check_texts(texts: Iterable[str], settings: ServingSettings) -> None:
+    total = sum(len(text) for text in texts)
+    if total > settings.max_request_text_chars:
+        raise TextTooLongError(f"the texts of this request have {total:,} characters in all, more than the limit "
+                               f"of {settings.max_request_text_chars:,} per request")
+
+
 def _check_count(inputs: PredictInputs, batch: bool, endpoint: str, limit: int) -> PredictInputs:
     for what, count in (("image", len(inputs.images)), ("text", len(inputs.texts))):
         if not batch and count > 1:
             raise InvalidInputError(f"send one {what} to /{endpoint}, or several to /{endpoint}/batch; got {count}")
         if count > limit:
-            raise InvalidInputError(f"at most {limit} {what}s per request; got {count}")
+            raise TooManyInputsError(f"at most {limit} {what}s per request; got {count}")
     return inputs
 
 
@@ -98,9 +236,14 @@ async def _read_form(request: Request, settings: ServingSettings, *, images: boo
         wanted = "a file field 'image'" + (" and a field 'text'" if texts else "")
         raise UnsupportedMediaTypeError(f"send multipart/form-data with {wanted}; "
                                         f"got {media_type or 'a body without Content-Type'}")
-    limit = settings.max_items_per_request
-    async with request.form(max_files=limit, max_fields=limit) as form:
-        inputs = PredictInputs(await _read_images(form) if images else [], _read_texts(form) if texts else [])
+    form = await (_parse_multipart if media_type == _MULTIPART else _parse_urlencoded)(request, settings)
+    try:
+        inputs = PredictInputs(texts=_read_texts(form) if texts else [])
+        _check_texts(inputs.texts, settings)
+        if images:
+            inputs.images = await _read_images(form, settings)
+    finally:
+        await form.close()
     return _require(inputs, images, texts)
 
 
@@ -126,12 +269,14 @@ def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitabl
                 inputs = PredictInputs(texts=_parse_json(TextBatchRequest, body).texts)
             else:
                 inputs = PredictInputs(texts=[_parse_json(TextRequest, body).text])
-        elif media_type in _FORM_MEDIA_TYPES:
+            _check_count(inputs, batch, "text", settings.max_items_per_request)
+            _check_texts(inputs.texts, settings)
+            return inputs
+        if media_type in _FORM_MEDIA_TYPES:
             inputs = await _read_form(request, settings, images=False, texts=True)
-        else:
-            example = '{"texts": [...]}' if batch else '{"text": "..."}'
-            raise UnsupportedMediaTypeError(f"send application/json {example} or a form with the field 'text'; "
-                                            f"got {media_type or 'a body without Content-Type'}")
-        return _check_count(inputs, batch, "text", settings.max_items_per_request)
+            return _check_count(inputs, batch, "text", settings.max_items_per_request)
+        example = '{"texts": [...]}' if batch else '{"text": "..."}'
+        raise UnsupportedMediaTypeError(f"send application/json {example} or a form with the field 'text'; "
+                                        f"got {media_type or 'a body without Content-Type'}")
 
     return read

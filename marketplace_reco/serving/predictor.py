@@ -28,6 +28,10 @@ class PredictorInputError(ValueError):
     """The inputs do not fit the model: a missing or unexpected image or text, an empty text, unequal counts."""
 
 
+class ModelOutputError(RuntimeError):
+    """The model answered with probabilities that are not finite numbers: broken weights, or an overflow."""
+
+
 class Predictor:
     """A loaded classifier with input checks, image decoding and ranked, named results."""
 
@@ -108,8 +112,17 @@ class Predictor:
         return self.predict_decoded(decoded, None if texts is None else list(texts))
 
     def predict_decoded(self, images: list[Image.Image] | None, texts: list[str] | None) -> list[Prediction]:
-        """One model call on inputs already checked and decoded (the micro-batcher's entry point)."""
+        """One model call on inputs already checked and decoded (the micro-batcher's entry point).
+
+        Raises ``ModelOutputError`` rather than answer with a probability that is not a finite number.
+        """
         proba = self.model.predict_proba(images=images, texts=texts)
+        invalid = np.flatnonzero(~np.isfinite(proba).all(axis=1))
+        if invalid.size:
+            raise ModelOutputError(
+                f"model {self.name!r} (revision {self.revision}) returned probabilities that are not finite numbers "
+                f"for {invalid.size} of its {len(proba)} inputs (the first: input {invalid[0]}); its weights are "
+                "broken or its computation overflows")
         known_tokens = self._known_tokens(texts, len(proba))
         return [self._prediction(row, known) for row, known in zip(proba, known_tokens, strict=True)]
 

@@ -1,11 +1,11 @@
-"""Operational endpoints: liveness, readiness and Prometheus metrics."""
+"""Operational endpoints: liveness and readiness (open even when the server needs API keys)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
-from ..dependencies import MetricsDep, PoolDep
+from ..dependencies import PoolDep
 from ..schemas import Health, Readiness
 
 router = APIRouter(tags=["operations"])
@@ -23,7 +23,3 @@ async def ready(pool: PoolDep) -> JSONResponse:
     code = status.HTTP_200_OK if readiness.ready else status.HTTP_503_SERVICE_UNAVAILABLE
     return JSONResponse(readiness.model_dump(), status_code=code)
 
-
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
-    return Response(metrics.render(), media_type=metrics.content_type)

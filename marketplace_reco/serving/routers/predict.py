@@ -14,18 +14,23 @@ from ..schemas import BatchPrediction, ErrorResponse, Prediction, TextBatchReque
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "an image that does not decode"),
+        (400, "an image that does not decode, or a malformed form"),
+        (401, "no valid API key (only on a server configured with keys)"),
         (404, "no such model on this server"),
-        (413, "request body or image larger than allowed"),
+        (408, "the body did not arrive in time"),
+        (413, "too large: the body, an image, the pixels or characters of the request in all, or too many inputs"),
         (415, "a body or file of the wrong media type"),
-        (422, "a missing field, an empty text, or inputs the model does not take"),
-        (503, "the model is still loading"),
+        (422, "a missing field, an empty or non-UTF-8 text, or inputs the model does not take"),
+        (500, "the model answered with probabilities that are not finite numbers"),
+        (503, ("the model is still loading, its queue is full, or the prediction ran past its deadline "
+               "(with Retry-After)")),
     )
 }
 
 router = APIRouter(tags=["predict"], responses=_ERRORS)
 
-ModelQuery = Annotated[str | None, Query(description="answer with this served model instead of the endpoint's own")]
+ModelQuery = Annotated[str | None, Query(min_length=1,
+                                        description="answer with this served model instead of the endpoint's own")]
 
 
 def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[BaseModel] | None = None

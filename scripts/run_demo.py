@@ -29,7 +29,7 @@ def _steps(skip_sample: bool) -> list[list[str]]:
         ["train_hog_svm.py"],
         ["train_word2vec.py", "--plot-method", "pca"],
         ["train_text_cnn.py", "--epochs", "30"],
-        ["train_image.py", "--no-pretrained", "--backbone", "resnet10t", "--trainable-layers", "all",
+        ["train_image.py", "--no-pretrained", "--backbone", "resnet10t", "--trainable-blocks", "all",
          "--image-size", "64", "--epochs", "12"],
         ["train_combined.py"],
     ]

@@ -111,7 +111,7 @@ def test_trunk_fingerprint_follows_frozen_weights_only() -> None:
     before = trunk_fingerprint(model)
     with torch.no_grad():
         model.head[1].weight.add_(1.0)
-        model.backbone.get_parameter(model.trainable_layer_names[-1] + ".weight").add_(1.0)
+        model.backbone.get_parameter(model.trainable_module_names[-1] + ".weight").add_(1.0)
     assert trunk_fingerprint(model) == before
     with torch.no_grad():
         model.backbone.conv1[0].weight.add_(1.0)

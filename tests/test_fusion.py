@@ -91,7 +91,7 @@ def test_unfrozen_branches_are_fine_tuned(splits: dict[str, Marketplace], branch
     with FeatureCache(spill_dir=tmp_path) as cache:
         train(model, splits, FusionTrainConfig(epochs=1, patience=1), cache=cache)
     image_changed = _changed(image_before, model.image_branch)
-    trainable = model.image_branch.trainable_layer_names
+    trainable = model.image_branch.trainable_module_names
     assert {"feature.0.weight", *(f"backbone.{trainable[0]}.weight",)} <= image_changed
     # Only what the image model trained moves; its frozen trunk stays as it was (and is cached).
     assert all(key.startswith("feature.") or any(key.startswith(f"backbone.{layer}.") for layer in trainable)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 
 from marketplace_reco.models import load_model
 from marketplace_reco.models.text_cnn import TextCNN
@@ -78,6 +79,11 @@ def test_a_frozen_embedding_stays_the_word2vec_vectors(embedding: Word2VecEmbedd
         np.testing.assert_array_equal(member.embedding.weight.detach().numpy(), embedding.vectors)
 
 
+def _calibrated(member_proba: np.ndarray, temperature: float) -> np.ndarray:
+    """The model's probabilities from its members': their mean, sharpened or softened by the temperature."""
+    return softmax(np.log(member_proba.mean(axis=1)) / temperature, axis=1)
+
+
 def test_members_train_apart_and_the_model_averages_their_probabilities(embedding: Word2VecEmbedding) -> None:
     model = _model(embedding, ensemble_size=3)
     texts, labels = _data(24, seed=6)
@@ -88,7 +94,42 @@ def test_members_train_apart_and_the_model_averages_their_probabilities(embeddin
     members = model.predict_member_proba(texts)
     assert members.shape == (24, 3, 3)
     assert not np.allclose(members[:, 0], members[:, 1])  # own seeds: own weights
-    np.testing.assert_allclose(model.predict_proba(texts=texts), members.mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(texts=texts), _calibrated(members, model.temperature), atol=1e-6)
+
+
+def test_training_fits_the_temperature_on_the_validation_texts(embedding: Word2VecEmbedding) -> None:
+    model = _model(embedding, fine_tune_embedding=True)
+    train_texts, train_labels = _data(45, seed=0)
+    val_texts, val_labels = _data(30, seed=8)
+    val_labels = np.where(np.arange(30) % 4 == 0, (val_labels + 1) % 3, val_labels)  # noisy labels, as in real data
+    result = train(model, text_splits((train_texts, train_labels), (val_texts, val_labels), CLASSES),
+                   TextCNNTrainConfig(epochs=10, batch_size=8, learning_rate=0.02, patience=10, label_smoothing=0.0))
+    calibration = result.metrics["calibration"]
+    assert model.temperature == calibration["temperature"] == model.config["temperature"] != 1.0
+    assert 0.0 <= calibration["validation_ece_after"] <= 1.0 and calibration["fitted_on"] == "validation texts"
+
+    def nll() -> float:
+        proba = model.predict_proba(texts=val_texts)
+        return float(-np.log(proba[np.arange(30), val_labels]).mean())
+
+    calibrated = nll()
+    model.calibrate(1.0)
+    assert calibrated < nll()
+
+
+def test_a_checkpoint_without_a_temperature_loads_uncalibrated(trained: TextCNN, tmp_path: Path) -> None:
+    config = trained.init_arguments()
+    del config["temperature"]  # as saved before calibration existed
+    trained._hub_mixin_config = config
+    try:
+        trained.save_pretrained(tmp_path / "old")
+    finally:
+        trained._record_config(temperature=trained.temperature)
+    loaded = load_model(str(tmp_path / "old"))
+    texts, _ = _data(5, seed=9)
+    assert loaded.temperature == 1.0
+    np.testing.assert_allclose(loaded.predict_proba(texts=texts), trained.predict_member_proba(texts).mean(axis=1),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("fine_tune", [True, False])
@@ -149,7 +190,8 @@ def test_features_are_the_members_layers_under_their_classifiers(trained: TextCN
     with torch.inference_mode():
         member_proba = [torch.softmax(member.classifier(torch.from_numpy(part)), dim=1).numpy()
                         for member, part in zip(trained.members, np.split(features, 2, axis=1), strict=True)]
-    np.testing.assert_allclose(np.mean(member_proba, axis=0), trained.predict_proba(texts=texts), atol=1e-6)
+    np.testing.assert_allclose(_calibrated(np.stack(member_proba, axis=1), trained.temperature),
+                               trained.predict_proba(texts=texts), atol=1e-6)
 
 
 def test_checkpoint_predicts_identically_in_a_fresh_process(trained: TextCNN, tmp_path: Path) -> None:
@@ -200,10 +242,12 @@ def test_scripts_train_word2vec_then_the_cnn_on_the_sample(sample_data: dict[str
     assert model.metrics["split"] == "test" and 0.0 <= model.metrics["macro_f1"] <= 1.0
     assert model.metrics["processes"] == 1 and len(model.metrics["per_class"]) == 13
     assert len(model.members) == 2 and len(model.metrics["best_epochs"]) == 2
-    assert 0.0 <= model.metrics["validation_accuracy"] <= 1.0
+    assert 0.0 <= model.metrics["validation_accuracy"] <= 1.0 and 0.0 <= model.metrics["ece"] <= 1.0
+    assert model.config["temperature"] == model.metrics["calibration"]["temperature"]
     assert {row["member"] for row in json.loads((folder / "history.json").read_text())} == {1, 2}
     assert model.config["word2vec"]["name"] == "word2vec" and model.config["fine_tune_embedding"] is False
     assert "| accuracy |" in (folder / "README.md").read_text()
+    assert "| expected calibration error (15 bins) |" in (folder / "README.md").read_text()
 
     # An embedding trained on another split may have read this split's test listings: refused.
     refused = _run([str(scripts / "train_text_cnn.py"), *data, *_SMALL, "--seed", "1"], tmp_path)

@@ -10,7 +10,7 @@ import jinja2
 
 _TEMPLATE = "model_card.md"
 # The card tabulates these metrics; anything else a training run recorded is shown as JSON below the tables.
-_TABULATED_METRICS = ("split", "n_samples", "unit", "accuracy", "macro_f1", "per_class", "confusion_matrix")
+_TABULATED_METRICS = ("split", "n_samples", "unit", "accuracy", "macro_f1", "ece", "per_class", "confusion_matrix")
 _UNTABULATED_CONFIG = ("model_type", "format_version", "metrics", "data_summary", "classes", "preprocessing")
 
 

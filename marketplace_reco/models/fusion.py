@@ -8,7 +8,7 @@ Each branch's feature vector goes through its own LayerNorm, then both are conca
 linear head gives the classes. Branches are frozen by default: their features are computed once per photo
 and per text and cached, so training the head takes seconds. ``unfrozen`` fine-tunes a branch end to end
 with the head: the text CNN entirely (its embedding only if it was fine-tuned in the text model), the image
-branch as far as the image model trained it (its ``trainable_layers`` and feature layer; its frozen trunk
+branch as far as the image model trained it (its ``trainable_blocks`` and feature layer; its frozen trunk
 stays frozen, and its outputs are still cached).
 
 Why the head beats both branches rather than copying the better one: the branches' features on the
@@ -32,7 +32,7 @@ from torch import nn
 from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
 from ._registry import register_model
 from .errors import ModelConfigError
-from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier
+from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier, upgrade_config
 from .text_cnn import TextCNN
 
 BRANCHES = ("image", "text")
@@ -78,7 +78,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         self.image_model = image_model or {}
         self.text_model = text_model or {}
         # The trunk's weights come from the image model (or this checkpoint), never from a download.
-        self.image_branch = ImageClassifier(**{**image_config, "pretrained": False})
+        self.image_branch = ImageClassifier(**{**upgrade_config(image_config), "pretrained": False})
         del self.image_branch.head
         self.text_branch = TextCNN(**text_config)
         self.text_branch.drop_classifiers()

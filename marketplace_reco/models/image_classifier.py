@@ -1,19 +1,27 @@
-"""Transfer learning on a timm backbone: a frozen trunk, its trainable last layers, a feature layer and a head.
+"""Transfer learning on a timm backbone: a frozen trunk, its trainable last blocks, a feature layer and a head.
 
-The backbone (any timm model name, ``resnet50`` by default) is traced with ``torch.fx`` and split into two
-graphs that share its modules:
+The backbone is any timm model name, ``resnet50`` by default, with or without a pretrained tag
+(``tf_efficientnet_lite0.in1k``); ``pretrained=True`` loads its weights through timm's ordinary path (the
+``timm/<name>`` repository of the Hugging Face Hub, honouring ``HF_ENDPOINT``, ``HF_HUB_CACHE`` and
+``HF_HUB_OFFLINE``). It is traced with ``torch.fx`` and split into two graphs that share its modules:
 - ``frozen_trunk(x)``: every operation that does not depend on a trainable parameter, run in inference mode
-  and channels-last. Its outputs are exactly the values the trainable part reads, e.g. for ResNet-50 with the
-  default split (the last bottleneck's final conv and norm, ``layer4.2.conv3``/``bn3``) the block's input
-  (kept for the residual) and its ``conv2`` activation.
+  and channels-last. Its outputs are exactly the values the trainable part reads, e.g. for ResNet-50 with one
+  trainable block (``layer4.2``) that block's input.
 - ``trainable_tail(*trunk_outputs)``: the rest, up to the pooled backbone features.
 Because the frozen outputs depend only on the photo and the frozen weights, a trainer can compute them once
 per photo and cache them (``training.image_classifier``), which is what makes epochs after the first cheap.
 
-Which layers train is ``trainable_layers``: the number of trailing parameterised layers of the backbone (in
-module order; 2 = ResNet-50's ``conv3``+``bn3``), ``0`` for a fully frozen backbone, or ``"all"``.
-Preprocessing (image size, letterbox fill, mean/std from timm's data config) is part of the configuration,
-so a loaded checkpoint preprocesses photos exactly as in training.
+Which part trains is ``trainable_blocks``: the number of trailing blocks of the backbone, as timm itself groups
+them (``backbone_blocks``: the stem, then ``layer1.0`` ... ``layer4.2`` for a ResNet-50, ``blocks.0.0`` ...
+``blocks.6.0`` with ``conv_head`` + ``bn2`` for an EfficientNet), ``0`` for a frozen backbone (only the feature
+layer and head train), or ``"all"``. Checkpoints saved before blocks were the unit record ``trainable_layers``
+(trailing parameterised layers); ``upgrade_config`` maps them to the fewest whole blocks holding those layers,
+which leaves their predictions unchanged (the split decides what may train, not what the network computes).
+
+Predictions: ``predict_proba`` is the softmax of the logits divided by ``temperature`` (fitted on validation
+data by the trainer, so that probabilities mean what they say); with ``flip_averaging`` the logits are the mean
+of the photo's and its mirror image's. Preprocessing (image size, letterbox fill, mean/std from timm's data
+config) is part of the configuration too, so a loaded checkpoint predicts exactly as in training.
 """
 
 from __future__ import annotations
@@ -31,19 +39,28 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg, group_parameters
 from timm.models._features_fx import get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
 from ..data.images import letterbox
+from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
+from ._format import read_config
 from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
 
-#: Default ``trainable_layers``: the last two parameterised layers, i.e. the final conv + norm of a ResNet.
-DEFAULT_TRAINABLE_LAYERS = 2
+#: Default ``trainable_blocks``: the backbone's last block (ResNet-50's ``layer4.2``).
+DEFAULT_TRAINABLE_BLOCKS = 1
 #: Photos per forward pass in ``predict_proba`` / ``extract_features``.
 INFERENCE_BATCH_SIZE = 32
 _PREPROCESSING_KEYS = ("image_size", "letterbox_fill", "mean", "std")
+#: The views of a photo whose logits a prediction averages (``flip_averaging``: both), by name; each maps a batch
+#: [n, 3, h, w] (pixels or normalised) to the same batch seen that way.
+PREDICTION_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "plain": lambda x: x,
+    "mirror": lambda x: x.flip(-1),
+}
 
 # True while a checkpoint is being loaded: its weights replace the trunk's, so nothing is downloaded.
 _LOADING_CHECKPOINT: ContextVar[bool] = ContextVar("_LOADING_CHECKPOINT", default=False)
@@ -68,7 +85,13 @@ def _create_backbone(name: str, pretrained: bool | str) -> nn.Module:
     """The timm model ``name`` without its classifier (pooled features out), initialised as ``pretrained`` says."""
     if not timm.is_model(name):
         raise ModelConfigError(f"unknown timm backbone {name!r}; see timm.list_models() for the names "
-                               "(e.g. 'resnet50')")
+                               "(e.g. 'resnet50', or 'tf_efficientnet_lite0.in1k' with a pretrained tag)")
+    try:
+        get_pretrained_cfg(name)
+    except RuntimeError:
+        architecture = name.partition(".")[0]
+        raise ModelConfigError(f"backbone {name!r}: {architecture!r} has no such pretrained tag; its tags: "
+                               f"{timm.list_pretrained(architecture + '.*')}") from None
     download = pretrained is True and not _LOADING_CHECKPOINT.get()
     try:
         backbone = timm.create_model(name, pretrained=download, num_classes=0)
@@ -108,23 +131,59 @@ def _load_local_weights(backbone: nn.Module, path: Path, name: str) -> None:
         raise PretrainedWeightsError(f"weights file {path} does not fit backbone {name!r}: {exc}") from exc
 
 
-def _parameterised_layers(backbone: nn.Module) -> list[str]:
-    """Names of the modules that own parameters directly, in module order (the unit of ``trainable_layers``)."""
-    return [name for name, module in backbone.named_modules()
-            if next(module.parameters(recurse=False), None) is not None]
+def backbone_blocks(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's blocks in forward order, each as the names of the modules that own its parameters.
+
+    The blocks are timm's own (``group_matcher(coarse=False)``, as for layer-wise learning-rate decay): the stem,
+    then one entry per block, with what follows the last block (e.g. EfficientNet's ``conv_head`` + ``bn2``)
+    merged into it. A parameter owned by the model itself (a ViT's ``cls_token``) counts under the name ``""``.
+    """
+    try:
+        matcher = backbone.group_matcher(coarse=False)
+    except (AttributeError, NotImplementedError):
+        raise ModelConfigError(f"backbone {type(backbone).__name__} does not tell timm its blocks (no group_matcher); "
+                               "use trainable_blocks 0 or 'all' with it") from None
+    groups = group_parameters(backbone, matcher)
+    return [list(dict.fromkeys(name.rpartition(".")[0] for name in groups[index])) for index in sorted(groups)]
 
 
-def _select_trainable(backbone: nn.Module, name: str, trainable_layers: int | str) -> list[str]:
-    layers = _parameterised_layers(backbone)
-    if trainable_layers == "all":
-        return layers
-    valid = isinstance(trainable_layers, int) and not isinstance(trainable_layers, bool)
-    if not valid or not 0 <= trainable_layers <= len(layers):  # type: ignore[operator]
+def _select_trainable(backbone: nn.Module, name: str, trainable_blocks: int | str) -> list[str]:
+    """Names of the modules that own the parameters of the last ``trainable_blocks`` blocks (all: every one)."""
+    if trainable_blocks == "all":
+        return list(dict.fromkeys(parameter.rpartition(".")[0] for parameter, _ in backbone.named_parameters()))
+    if trainable_blocks == 0 and not isinstance(trainable_blocks, bool):
+        return []
+    blocks = backbone_blocks(backbone)
+    valid = isinstance(trainable_blocks, int) and not isinstance(trainable_blocks, bool)
+    if not valid or not 0 <= trainable_blocks <= len(blocks):  # type: ignore[operator]
         raise ModelConfigError(
-            f"trainable_layers must be 'all' or an integer from 0 to {len(layers)} (the parameterised layers of "
-            f"{name!r}), not {trainable_layers!r}"
+            f"trainable_blocks must be 'all' or an integer from 0 to {len(blocks)} (the blocks of {name!r}, stem "
+            f"included), not {trainable_blocks!r}"
         )
-    return layers[len(layers) - trainable_layers:]
+    return [module for block in blocks[len(blocks) - trainable_blocks:] for module in block]  # type: ignore[operator]
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An image classifier's config as this version reads it: ``trainable_layers`` (the trailing parameterised
+    layers, before whole blocks were the unit) becomes ``trainable_blocks``, the fewest trailing blocks that hold
+    those layers. Predictions do not change (frozen trunk + tail is the same network); a fusion model that
+    unfreezes the image branch would train the rest of that block too."""
+    if "trainable_layers" not in config:
+        return config
+    upgraded = dict(config)
+    layers = upgraded.pop("trainable_layers")
+    if layers in ("all", 0):
+        upgraded["trainable_blocks"] = layers
+        return upgraded
+    with torch.device("meta"):  # the names are all that is needed: no memory, no weights
+        backbone = timm.create_model(upgraded.get("backbone", "resnet50"), num_classes=0)
+    parameterised = [name for name, module in backbone.named_modules()
+                     if next(module.parameters(recurse=False), None) is not None]
+    trainable = set(parameterised[len(parameterised) - int(layers):])
+    blocks = backbone_blocks(backbone)
+    first = next(index for index, block in enumerate(blocks) if trainable & set(block))
+    upgraded["trainable_blocks"] = len(blocks) - first
+    return upgraded
 
 
 def _resolve_preprocessing(backbone: nn.Module, preprocessing: dict[str, Any] | None) -> dict[str, Any]:
@@ -222,26 +281,31 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("image-classifier")
-class ImageClassifier(nn.Module, TorchCheckpointMixin):
-    """timm backbone with a frozen trunk and trainable last layers, a feature layer and a classification head.
+class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
+    """timm backbone with a frozen trunk and trainable last blocks, a feature layer and a classification head.
 
-    ``pretrained``: ``True`` fetches timm's pretrained weights, a string is a local safetensors state dict,
-    ``False`` starts from random weights. It only matters when a model is created: loading a checkpoint never
-    downloads anything, the trunk's weights are in the checkpoint.
+    ``pretrained``: ``True`` fetches timm's pretrained weights for ``backbone`` (a name with a pretrained tag
+    picks those weights), a string is a local safetensors state dict, ``False`` starts from random weights. It
+    only matters when a model is created: loading a checkpoint never downloads anything, the trunk's weights are
+    in the checkpoint. ``temperature`` divides the logits in ``predict_proba`` (1: as trained; the trainer fits it
+    on validation data); ``flip_averaging`` averages the logits of each photo and its mirror image.
     """
 
     input_kind = "image"
-    description = ("Photo classifier: a timm backbone (transfer learning, last layers trainable) with a feature "
-                   "layer and a linear head; photos are letterboxed and normalised as recorded in the config.")
+    description = ("Photo classifier: a timm backbone (transfer learning, last blocks trainable) with a feature "
+                   "layer and a linear head; photos are letterboxed and normalised as recorded in the config, "
+                   "probabilities calibrated by a temperature fitted on validation photos.")
 
     def __init__(
         self,
         classes: list[str],
         backbone: str = "resnet50",
-        trainable_layers: int | str = DEFAULT_TRAINABLE_LAYERS,
+        trainable_blocks: int | str = DEFAULT_TRAINABLE_BLOCKS,
         feature_dim: int = 256,
         dropout: float = 0.2,
         preprocessing: dict[str, Any] | None = None,
+        flip_averaging: bool = False,
+        temperature: float = 1.0,
         pretrained: bool | str = False,
     ) -> None:
         super().__init__()
@@ -249,10 +313,14 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
             raise ModelConfigError(f"an image classifier needs at least 2 classes, got {list(classes)}")
         self.classes = list(classes)
         self.backbone_name = backbone
+        self.temperature = checked_temperature(temperature)
+        #: The views of a photo whose logits ``predict_proba`` averages (names of ``PREDICTION_VIEWS``).
+        self.prediction_views = ["plain", "mirror"] if flip_averaging else ["plain"]
         self.backbone = _create_backbone(backbone, pretrained)
         self.preprocessing = _resolve_preprocessing(self.backbone, preprocessing)
         self._record_config(preprocessing=self.preprocessing)
-        self.trainable_layer_names = _select_trainable(self.backbone, backbone, trainable_layers)
+        #: The backbone modules whose parameters train (those of its last ``trainable_blocks`` blocks).
+        self.trainable_module_names = _select_trainable(self.backbone, backbone, trainable_blocks)
         for name, parameter in self.backbone.named_parameters():
             parameter.requires_grad_(self._is_trainable(name))
         # Pooled width: larger than num_features where a conv head follows the pooling (MobileNetV3).
@@ -261,14 +329,14 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, len(self.classes)))
         self.backbone.to(memory_format=torch.channels_last)
         self._frozen_graph_def, self._tail_graph_def, self.trunk_output_names = _split_graph(
-            _trace(self.backbone), self.trainable_layer_names)
+            _trace(self.backbone), self.trainable_module_names)
         self._build_graph_modules()
         self.train()  # applies the rule that frozen layers always run as at inference
 
     # ---- the split backbone ------------------------------------------------------------------------
     def _is_trainable(self, tensor_name: str) -> bool:
-        """Whether a backbone parameter or buffer (``layer4.2.bn3.weight``) belongs to a trainable layer."""
-        return tensor_name.rpartition(".")[0] in self.trainable_layer_names
+        """Whether a backbone parameter or buffer (``layer4.2.bn3.weight``) belongs to a trainable module."""
+        return tensor_name.rpartition(".")[0] in self.trainable_module_names
 
     def _build_graph_modules(self) -> None:
         # Stored outside nn.Module's registry: they share the backbone's modules, so registering them would
@@ -318,6 +386,12 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
         """Class logits [n, n_classes] of normalised photos ``x`` [n, 3, h, w]."""
         return self.head(self.features(x))
 
+    def prediction_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits whose softmax ``predict_proba`` gives: the mean over ``prediction_views`` of normalised photos
+        ``x``, divided by ``temperature``."""
+        logits = torch.stack([self(PREDICTION_VIEWS[view](x)) for view in self.prediction_views]).mean(dim=0)
+        return logits / self.temperature
+
     def frozen_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone tensors of the frozen part: with the preprocessing, all that ``frozen_trunk`` depends on."""
         return {name: value for name, value in self.backbone.state_dict().items() if not self._is_trainable(name)}
@@ -361,14 +435,20 @@ class ImageClassifier(nn.Module, TorchCheckpointMixin):
 
     def predict_proba(self, images: Sequence[Image.Image] | None = None,
                       texts: Sequence[str] | None = None) -> np.ndarray:
-        """Class probabilities [n, n_classes] of PIL photos; ``texts`` is ignored (an image-only model)."""
-        return self._batched(images, lambda x: torch.softmax(self(x), dim=1))
+        """Class probabilities [n, n_classes] of PIL photos (calibrated, flip-averaged if configured); ``texts`` is
+        ignored (an image-only model)."""
+        return self._batched(images, lambda x: torch.softmax(self.prediction_logits(x), dim=1))
 
     @classmethod
-    def _from_pretrained(cls, **kwargs: Any) -> ImageClassifier:  # type: ignore[override]
-        """Load a checkpoint; the trunk comes from its weights file, so nothing is downloaded."""
+    def _from_pretrained(cls, *, model_id: str, config: dict[str, Any] | None = None,  # type: ignore[override]
+                         config_sha256: str | None = None, **kwargs: Any) -> ImageClassifier:
+        """Load a checkpoint (an older config upgraded, ``upgrade_config``); the trunk comes from its weights
+        file, so nothing is downloaded."""
+        if config is None or config_sha256 is None:
+            config, config_sha256 = read_config(Path(model_id))
         token = _LOADING_CHECKPOINT.set(True)
         try:
-            return super()._from_pretrained(**kwargs)  # type: ignore[return-value]
+            return super()._from_pretrained(model_id=model_id, config=upgrade_config(config),  # type: ignore[return-value]
+                                            config_sha256=config_sha256, **kwargs)
         finally:
             _LOADING_CHECKPOINT.reset(token)

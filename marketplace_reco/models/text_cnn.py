@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
 from ._registry import register_model
 from .word2vec import PAD_INDEX, EncodedTexts, TokenEncoder, Word2VecEmbedding
@@ -79,7 +80,7 @@ class _KimCNN(nn.Module):
 
 
 @register_model("text-cnn")
-class TextCNN(nn.Module, TorchCheckpointMixin):
+class TextCNN(nn.Module, TemperatureMixin, TorchCheckpointMixin):
     """Convolutional text classifier over word2vec embeddings: an ensemble of members, with a reusable feature layer."""
 
     input_kind = "text"
@@ -87,7 +88,7 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         "Text CNN: word2vec embedding, convolutions of several widths max-pooled over time, dropout, a "
         "feature layer and a linear classifier over the cleaned listing name and description; an ensemble of "
         "independently trained members (each with adversarial training on its word vectors) whose probabilities "
-        "are averaged."
+        "are averaged, then calibrated by a temperature fitted on validation texts."
     )
 
     def __init__(
@@ -104,6 +105,7 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         fine_tune_embedding: bool = False,
         ensemble_size: int = 5,
         word2vec: dict[str, str] | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if not classes:
@@ -113,6 +115,8 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         if ensemble_size < 1:
             raise ValueError(f"TextCNN: ensemble_size must be at least 1, not {ensemble_size}")
         self.classes = list(classes)
+        #: ``predict_proba`` is the softmax of the ensemble's log-probabilities / temperature (fitted on validation).
+        self.temperature = checked_temperature(temperature)
         self.max_length = max_length
         self.kernel_sizes = list(kernel_sizes)
         #: The word2vec checkpoint the embedding was initialised from ({"name", "revision"}), for the record.
@@ -190,7 +194,7 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         return torch.cat(outputs).numpy()
 
     def _proba(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self(token_ids), dim=1)
+        return torch.softmax(self(token_ids) / self.temperature, dim=1)
 
     def extract_features(self, texts: Sequence[str]) -> np.ndarray:
         """[n, feature_dim] feature-layer activations of raw texts (the text half of the fusion model's input)."""
@@ -201,7 +205,8 @@ class TextCNN(nn.Module, TorchCheckpointMixin):
         return self._batched(texts, lambda ids: self._member_log_probabilities(ids).exp())
 
     def predict_proba(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
-        """[n, n_classes] class probabilities of raw texts; an empty or all-unknown text still gets a row."""
+        """[n, n_classes] calibrated class probabilities of raw texts (the members' mean, sharpened or softened by
+        ``temperature``); an empty or all-unknown text still gets a row."""
         if texts is None:
             raise ValueError("TextCNN.predict_proba needs texts=[...]; this model does not use images")
         return self._batched(texts, self._proba)

@@ -1,22 +1,49 @@
-"""Training the photo classifier's trainable part, with the frozen trunk's outputs computed once and cached."""
+"""Training the photo classifier's trainable part, with the frozen trunk's outputs computed once and cached.
+
+Augmentation with a cache: ``augmented_views`` random views of each training photo (crop, flip, colour jitter:
+``image_data.render_view``) go through the frozen trunk once, with the plain photo, and each epoch trains on
+one of them per photo, drawn at random. The trunk's cost is paid once per view, never per epoch.
+
+Calibration: after training, the temperature of ``predict_proba`` is fitted on the validation photos' logits (the
+model's prediction views averaged, as it predicts) so that the mean probabilities of each validation product's
+photos, the way products are scored and served, have the least negative log-likelihood.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.dataset import Marketplace
 from ..data.image_store import ImageStore
-from ..models.image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier
-from .distributed import DistributedContext, single_process_context, wrap_model
+from ..models.errors import ModelConfigError
+from ..models.image_classifier import INFERENCE_BATCH_SIZE, PREDICTION_VIEWS, ImageClassifier
+from .calibration import fit_temperature
+from .distributed import DistributedContext, all_reduce_sum, single_process_context, wrap_model
 from .feature_cache import DEFAULT_MEMORY_BUDGET, FeatureCache, cache_or_new, state_fingerprint
-from .image_data import CachedBatches, ImageBatches, SplitImages, batch_loader, load_pixels
+from .image_data import (
+    CachedBatches,
+    ImageBatches,
+    RandomViewBatches,
+    SplitImages,
+    augmented_view_names,
+    batch_loader,
+    load_pixels,
+    parse_view_key,
+    render_view,
+    view_key,
+)
 from .loop import fit, one_cycle_adamw
+from .metrics import expected_calibration_error
 from .runs import TrainResult
 
 
@@ -26,17 +53,35 @@ class ImageTrainConfig:
 
     epochs: int = 10
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the feature layer and head"})
+    backbone_learning_rate: float = field(default=1e-4, metadata={
+        "help": "peak learning rate of the backbone's trainable blocks"})
     weight_decay: float = 1e-4
+    label_smoothing: float = field(default=0.1, metadata={"help": "share of each target spread over the other classes"})
     patience: int = 3
+    augmented_views: int = field(default=0, metadata={
+        "help": "augmented views (random resized crop, flip, colour jitter) of each training photo, run through the "
+                "frozen trunk once and cached; each epoch trains on one of them or the plain photo, drawn at random "
+                "per photo (0: the plain photo only)"})
     augment: bool = field(default=False, metadata={
-        "help": "random crops, flips and colour jitter each epoch (the whole network then runs every epoch: no "
-                "feature cache)"})
+        "help": "fresh random crops, flips and colour jitter every epoch (the whole network then runs every epoch: "
+                "no feature cache; for a backbone trained from scratch)"})
     cache: bool = field(default=True, metadata={
         "help": "cache the frozen trunk's outputs (off: the whole network runs every epoch, for timing comparisons)"})
     cache_memory_gb: float = field(default=DEFAULT_MEMORY_BUDGET / 2**30, metadata={
         "help": "memory for cached trunk outputs per process; the rest spills to disk under .cache/features"})
     seed: int = 0
+
+
+def _check(config: ImageTrainConfig) -> None:
+    if config.augmented_views < 0:
+        raise ModelConfigError(f"augmented_views must be 0 or more, not {config.augmented_views}")
+    if config.augmented_views and (config.augment or not config.cache):
+        raise ModelConfigError(
+            "augmented_views are cached outputs of the frozen trunk: they need the feature cache and exclude "
+            "--augment (fresh augmentation every epoch); with --augment or --no-cache pass --augmented-views 0")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ModelConfigError(f"label_smoothing must be in [0, 1), not {config.label_smoothing}")
 
 
 class _FromTrunk(nn.Module):
@@ -52,74 +97,140 @@ class _FromTrunk(nn.Module):
 
 def trunk_fingerprint(model: ImageClassifier) -> str:
     """Hash of everything that determines ``frozen_trunk``'s output for a photo: a feature cache's key."""
-    return state_fingerprint([model.backbone_name, model.preprocessing, model.trainable_layer_names],
+    return state_fingerprint([model.backbone_name, model.preprocessing, model.trainable_module_names],
                              model.frozen_state_dict())
 
 
 def cache_trunk_outputs(model: ImageClassifier, store: ImageStore, image_ids: Sequence[str], cache: FeatureCache,
-                        *, desc: str = "frozen trunk") -> str:
-    """Run the frozen trunk once for every photo not yet in ``cache``; returns the fingerprint it is stored under."""
+                        *, views: Sequence[str] = ("plain",), desc: str = "frozen trunk") -> str:
+    """Run the frozen trunk once for every photo and view (``image_data.render_view``) not yet in ``cache``, stored
+    under ``image_data.view_key(image id, view)``; returns the fingerprint they are stored under."""
     fingerprint = trunk_fingerprint(model)
     device = next(model.parameters()).device
+    # Photo-major order: a photo's views mostly fall in one batch, so it is decoded once.
+    keys = [view_key(image_id, view) for image_id in dict.fromkeys(image_ids) for view in views]
 
-    def compute(ids: list[str]) -> list[np.ndarray]:
-        pixels = load_pixels(store, ids, model.to_pixels, desc=None)
-        return [t.cpu().numpy() for t in model.frozen_trunk(model.normalize(pixels).to(device))]
+    def compute(batch: list[str]) -> list[np.ndarray]:
+        parsed = [parse_view_key(key) for key in batch]
+        photos = list(dict.fromkeys(image_id for image_id, _ in parsed))
+        pixels = load_pixels(store, photos, model.to_pixels, desc=None)
+        row_of = {image_id: row for row, image_id in enumerate(photos)}
+        rendered = torch.empty(len(batch), *pixels.shape[1:])
+        for view in dict.fromkeys(view for _, view in parsed):
+            at = [n for n, (_, v) in enumerate(parsed) if v == view]
+            ids = [parsed[n][0] for n in at]
+            rendered[at] = render_view(pixels[[row_of[image_id] for image_id in ids]], ids, view)
+        return [t.cpu().numpy() for t in model.frozen_trunk(model.normalize(rendered).to(device))]
 
     with torch.inference_mode():
-        cache.fill(fingerprint, image_ids, compute, batch_size=INFERENCE_BATCH_SIZE, desc=desc)
+        cache.fill(fingerprint, keys, compute, batch_size=INFERENCE_BATCH_SIZE, desc=desc)
     return fingerprint
+
+
+def _logits(module: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> np.ndarray:
+    """[n, n_classes] logits of every item of ``dataset``, in order, at inference."""
+    module.eval()
+    chunks = []
+    with torch.inference_mode():
+        for inputs, _ in batch_loader(dataset, batch_size, shuffle=False):
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+            chunks.append(module(*(t.to(device) for t in inputs)).double().cpu())
+    return torch.cat(chunks).numpy()
+
+
+def _all_rows(local: np.ndarray, context: DistributedContext, total: int) -> np.ndarray:
+    """Every rank's rows ``rank, rank + world_size, ...`` (``SplitImages.shard(pad=False)``) put back together."""
+    if not context.is_distributed:
+        return local
+    rows = np.zeros((total, local.shape[1]))
+    rows[context.rank::context.world_size] = local
+    return np.asarray(all_reduce_sum(rows.ravel().tolist(), context)).reshape(rows.shape)
+
+
+def _calibrate(model: ImageClassifier, photos: SplitImages, logits: np.ndarray) -> dict[str, Any]:
+    """Fit and set the model's temperature on validation logits (per product); the validation ECE before/after."""
+    def product_ece(temperature: float) -> float:
+        proba = torch.softmax(torch.from_numpy(logits / temperature), dim=1).numpy()
+        return expected_calibration_error(photos.product_labels, photos.product_proba(proba))
+
+    temperature = fit_temperature(logits, photos.image_labels, groups=photos.image_products)
+    before = product_ece(1.0)
+    model.calibrate(temperature)
+    return {"temperature": temperature, "fitted_on": "validation products (their photos' probabilities averaged)",
+            "validation_ece_before": before, "validation_ece_after": product_ece(temperature)}
 
 
 def train(model: ImageClassifier, splits: dict[str, Marketplace], config: ImageTrainConfig,
           context: DistributedContext | None = None, *, cache: FeatureCache | None = None) -> TrainResult:
     """Train ``model``'s trainable part in place on the photos of ``splits["train"]``, early stopping on validation
-    loss; the model ends with its best validation epoch's weights.
+    loss, then calibrate it on the validation photos; the model ends with its best validation epoch's weights.
 
-    Without augmentation (and with ``config.cache``) the frozen trunk runs once per photo and its outputs are
-    kept in ``cache`` (default: a new ``FeatureCache`` of ``config.cache_memory_gb``, closed at the end), so every
-    epoch only runs the trainable part. With ``augment`` every epoch runs the whole network on freshly augmented
-    photos. AdamW with a one-cycle LR schedule. Under torchrun pass the context from ``init_distributed()``: each
-    rank trains on (and caches) its own share of the photos, DDP averages gradients.
+    With ``config.cache`` (and no ``augment``) the frozen trunk runs once per training photo and view (the plain
+    photo and ``augmented_views`` augmented ones) and once per validation photo and prediction view, its
+    outputs kept in ``cache`` (default: a new ``FeatureCache`` of ``config.cache_memory_gb``, closed at the end);
+    every epoch then only runs the trainable part. With ``augment`` every epoch runs the whole network on
+    freshly augmented photos. AdamW with a one-cycle LR schedule (the backbone's blocks at
+    ``backbone_learning_rate``, the feature layer and head at ``learning_rate``), label-smoothed cross-entropy.
+    Under torchrun pass the context from ``init_distributed()``: each rank trains on (and caches) its own share
+    of the photos, DDP averages gradients, and the temperature is fitted on all ranks' validation logits.
     """
+    _check(config)
     context = context or single_process_context(next(model.parameters()).device)
     model.to(context.device)
     train_split, val_split = splits["train"], splits["val"]
     train_photos = SplitImages.from_split(train_split, "train").shard(context.rank, context.world_size, pad=True)
-    val_photos = SplitImages.from_split(val_split, "validation").shard(context.rank, context.world_size, pad=False)
+    all_val_photos = SplitImages.from_split(val_split, "validation")
+    val_photos = all_val_photos.shard(context.rank, context.world_size, pad=False)
+    # A last batch of one photo is dropped: a trainable norm layer cannot normalise a single 1x1 activation.
+    lone_last = len(train_photos.image_ids) % config.batch_size == 1
     optimizer, scheduler = one_cycle_adamw(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-        total_steps=config.epochs * -(-len(train_photos.image_ids) // config.batch_size))
+        total_steps=config.epochs * (-(-len(train_photos.image_ids) // config.batch_size) - lone_last),
+        part_learning_rates=[(model.backbone, config.backbone_learning_rate)])
     cached = config.cache and not config.augment
     with cache_or_new(cache, int(config.cache_memory_gb * 2**30)) as features:
         module: nn.Module
         if cached:
+            train_views = ["plain", *augmented_view_names(config.augmented_views, config.seed)]
             fingerprint = cache_trunk_outputs(model, train_split.image_store, train_photos.image_ids, features,
-                                              desc="frozen trunk (train)")
+                                              views=train_views,
+                                              desc=f"frozen trunk (train, {len(train_views)} view(s))")
             cache_trunk_outputs(model, val_split.image_store, val_photos.image_ids, features,
-                                desc="frozen trunk (validation)")
-            train_set: Dataset = CachedBatches(features, [(fingerprint, train_photos.image_ids)],
-                                               train_photos.image_labels)
-            val_set: Dataset = CachedBatches(features, [(fingerprint, val_photos.image_ids)],
-                                             val_photos.image_labels)
+                                views=model.prediction_views, desc="frozen trunk (validation)")
+            train_set: Dataset = RandomViewBatches(
+                features, fingerprint, [[view_key(i, view) for i in train_photos.image_ids] for view in train_views],
+                train_photos.image_labels, seed=config.seed + context.rank)
+            val_sets: list[Dataset] = [
+                CachedBatches(features, [(fingerprint, [view_key(i, view) for i in val_photos.image_ids])],
+                              val_photos.image_labels)
+                for view in model.prediction_views]
             module = _FromTrunk(model)
         else:
             train_set = ImageBatches(load_pixels(train_split.image_store, train_photos.image_ids, model.to_pixels,
                                                  desc="decode train photos"),
                                      train_photos.image_labels, model.normalize, augment=config.augment,
                                      seed=config.seed)
-            val_set = ImageBatches(load_pixels(val_split.image_store, val_photos.image_ids, model.to_pixels,
-                                               desc="decode validation photos"),
-                                   val_photos.image_labels, model.normalize, augment=False)
+            val_pixels = load_pixels(val_split.image_store, val_photos.image_ids, model.to_pixels,
+                                     desc="decode validation photos")
+            val_sets = [ImageBatches(PREDICTION_VIEWS[view](val_pixels), val_photos.image_labels, model.normalize,
+                                     augment=False)
+                        for view in model.prediction_views]
             module = model
-        train_loader = batch_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + context.rank)
-        val_loader = batch_loader(val_set, config.batch_size, shuffle=False)
+        train_loader = batch_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + context.rank,
+                                    drop_last=lone_last)
+        val_loader = batch_loader(val_sets[0], config.batch_size, shuffle=False)  # early stopping: plain photos
         result = fit(wrap_model(module, context), train_loader, val_loader, epochs=config.epochs,
-                     optimizer=optimizer, scheduler=scheduler, patience=config.patience, monitor="val_loss",
-                     context=context, desc="image-classifier")
+                     optimizer=optimizer, scheduler=scheduler,
+                     loss_fn=partial(F.cross_entropy, label_smoothing=config.label_smoothing),
+                     patience=config.patience, monitor="val_loss", context=context, desc="image-classifier")
+        val_logits = np.mean([_logits(module, dataset, config.batch_size, context.device) for dataset in val_sets],
+                             axis=0)
+    calibration = _calibrate(model, all_val_photos, _all_rows(val_logits, context, len(all_val_photos.image_ids)))
     model.eval()
     return TrainResult(history=result.history, metrics={
         "best_epoch": result.best_epoch,
         "validation_loss": result.history[result.best_epoch - 1]["val_loss"],
         "feature_cache": cached,
+        "calibration": calibration,
+        "training_config": dataclasses.asdict(config),
     })

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -160,16 +160,23 @@ def fit(
                      stopped_early=len(history) < epochs)
 
 
-def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, total_steps: int
+def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, total_steps: int,
+                    part_learning_rates: Sequence[tuple[nn.Module, float]] = ()
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """AdamW over the trainable parameters with a one-cycle LR schedule over ``total_steps`` batches.
 
-    Built before any data is processed, so bad arguments fail at once. The fused implementation: with a cached
-    trunk a training step is so short that the optimizer's per-parameter loop would take a fifth of it.
+    ``learning_rate`` is the peak LR; ``part_learning_rates`` gives parts of ``model`` (submodule, peak LR) their
+    own, e.g. a pretrained backbone a smaller one than a new head. Built before any data is processed, so bad
+    arguments fail at once. The fused implementation: with a cached trunk a training step is so short that the
+    optimizer's per-parameter loop would take a fifth of it.
     """
     if total_steps < 1:
         raise ModelConfigError(f"a training run needs at least one step (epochs x batches), not {total_steps}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                  weight_decay=weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps)
+    parts = [([p for p in part.parameters() if p.requires_grad], rate) for part, rate in part_learning_rates]
+    claimed = {id(p) for params, _ in parts for p in params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    groups = [{"params": params, "lr": rate} for params, rate in [(rest, learning_rate), *parts] if params]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in groups],
+                                                    total_steps=total_steps)
     return optimizer, scheduler

@@ -8,18 +8,41 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+#: Equal-width confidence bins of the expected calibration error.
+ECE_BINS = 15
+
+
+def expected_calibration_error(y_true: Sequence[int], proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """How far the top-class confidence is from the accuracy, on average (Guo et al., 2017).
+
+    Predictions are put in ``bins`` equal-width bins of their top-class probability (``(0, 1/bins]``, ...,
+    ``((bins-1)/bins, 1]``); the error is the bins' |accuracy - mean confidence|, weighted by their share of
+    the predictions. 0 is perfectly calibrated.
+    """
+    proba = np.asarray(proba)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    error = 0.0
+    for index in np.unique(which):
+        members = which == index
+        error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
+
 
 def evaluate(y_true: Sequence[int], proba: np.ndarray, classes: Sequence[str], split: str = "test") -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix of ``proba``'s argmax."""
+    """Accuracy, macro-F1, expected calibration error (``ece``), per-class precision/recall/F1 and the confusion
+    matrix of ``proba``'s argmax."""
     y_true = np.asarray(y_true)
     y_pred = np.asarray(proba).argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "split": split,
-        "n_samples": int(len(y_true)),
+        "n_samples": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(y_true, proba),
         "per_class": {
             name: {
                 "precision": float(precision[i]),

@@ -1,5 +1,6 @@
 """Training the text CNN: its members one after the other, each on length-bucketed batches with adversarial
-training on its word vectors, a one-cycle schedule and early stopping on validation accuracy."""
+training on its word vectors, a one-cycle schedule and early stopping on validation accuracy; then the
+ensemble's temperature is fitted on the validation texts."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..data.dataset import Marketplace
 from ..models.text_cnn import TextCNN
 from ..models.word2vec import PAD_INDEX
+from .calibration import fit_temperature
 from .distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
 from .loop import FitResult, fit, one_cycle_adamw
+from .metrics import expected_calibration_error
 from .runs import TrainResult
 
 # Training batches are formed within runs of this many batches sorted by length.
@@ -172,12 +176,23 @@ def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainCo
         finally:
             loss.close()
     model.eval()
-    val_proba = model.predict_proba(texts=val_split.products["text"].tolist())
+    # The ensemble's uncalibrated log-probabilities: what forward() gives and predict_proba divides by the temperature.
+    val_scores = np.log(np.maximum(model.predict_member_proba(val_split.products["text"].tolist()).mean(axis=1),
+                                   1e-12))
+    val_labels = val_split.label_indices
+    temperature = fit_temperature(val_scores, val_labels)
+    model.calibrate(temperature)
     return TrainResult(
         history=[{**row, "member": index + 1} for index, result in enumerate(results) for row in result.history],
         metrics={
             "best_epochs": [result.best_epoch for result in results],
             "member_validation_accuracy": [result.history[result.best_epoch - 1]["val_accuracy"] for result in results],
-            "validation_accuracy": float((val_proba.argmax(axis=1) == val_split.label_indices).mean()),
+            "validation_accuracy": float((val_scores.argmax(axis=1) == val_labels).mean()),
+            "calibration": {
+                "temperature": temperature,
+                "fitted_on": "validation texts",
+                "validation_ece_before": expected_calibration_error(val_labels, np.exp(val_scores)),
+                "validation_ece_after": expected_calibration_error(val_labels, softmax(val_scores / temperature, axis=1)),
+            },
         },
     )

@@ -109,7 +109,7 @@ def _benchmark(args: argparse.Namespace, splits: dict[str, Marketplace]) -> tupl
     print(markdown_table(COLUMNS, rows), flush=True)
 
     torch.manual_seed(args.seed)
-    image = ImageClassifier(train.classes, backbone=args.image_backbone, trainable_layers="all",
+    image = ImageClassifier(train.classes, backbone=args.image_backbone, trainable_blocks="all",
                             preprocessing={"image_size": args.image_size}, pretrained=False)
     config = image_classifier.ImageTrainConfig(epochs=args.image_epochs, batch_size=args.image_batch_size,
                                                learning_rate=args.image_lr, patience=args.image_epochs, augment=True,

@@ -1,4 +1,5 @@
-"""FusionClassifier: built from two trained branches, frozen vs unfrozen training, cache, self-contained checkpoint."""
+"""FusionClassifier: the late head fitted on validation products, the concat head (frozen and unfrozen branches,
+cache), listings with several photos or a missing input, and a self-contained checkpoint."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[st
 
 def test_frozen_branches_stay_unchanged_and_are_cached(splits: dict[str, Marketplace], branch_folders: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    model = _fusion(branch_folders)
+    model = _fusion(branch_folders, head="concat")
     image_before, text_before = _snapshot(model.image_branch), _snapshot(model.text_branch)
     head_before = _snapshot(model.head)
     with FeatureCache(spill_dir=tmp_path) as cache:
@@ -86,7 +87,7 @@ def test_frozen_branches_stay_unchanged_and_are_cached(splits: dict[str, Marketp
 
 def test_unfrozen_branches_are_fine_tuned(splits: dict[str, Marketplace], branch_folders: dict[str, Path],
                                           tmp_path: Path) -> None:
-    model = _fusion(branch_folders, unfrozen=["image", "text"])
+    model = _fusion(branch_folders, head="concat", unfrozen=["image", "text"])
     image_before, text_before = _snapshot(model.image_branch), _snapshot(model.text_branch)
     with FeatureCache(spill_dir=tmp_path) as cache:
         train(model, splits, FusionTrainConfig(epochs=1, patience=1), cache=cache)
@@ -106,7 +107,7 @@ def test_cached_inputs_give_the_same_logits_as_raw_inputs(splits: dict[str, Mark
     val = splits["val"]
     photos = SplitImages.from_split(val, "validation")
     for unfrozen in ([], ["image", "text"]):
-        model = _fusion(branch_folders, unfrozen=unfrozen).eval()
+        model = _fusion(branch_folders, head="concat", unfrozen=unfrozen).eval()
         with FeatureCache(spill_dir=tmp_path) as cache:
             batches, n_image_inputs = _fusion_batches(model, val, photos, cache, "validation")
             indices = list(range(min(6, len(batches))))
@@ -122,7 +123,7 @@ def test_cached_inputs_give_the_same_logits_as_raw_inputs(splits: dict[str, Mark
 
 def test_checkpoint_is_self_contained_and_records_its_branches(splits: dict[str, Marketplace],
                                                                branch_folders: dict[str, Path], tmp_path: Path) -> None:
-    model = _fusion(branch_folders, unfrozen=["text"])
+    model = _fusion(branch_folders, head="concat", unfrozen=["text"])
     with torch.no_grad():
         for parameter in model.head.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -162,14 +163,56 @@ def test_checkpoint_is_self_contained_and_records_its_branches(splits: dict[str,
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_late_head_is_fitted_on_validation_products(splits: dict[str, Marketplace],
+                                                         branch_folders: dict[str, Path]) -> None:
+    model = _fusion(branch_folders)
+    branches_before = _snapshot(model.image_branch) | {f"t.{k}": v for k, v in _snapshot(model.text_branch).items()}
+    result = train(model, splits, FusionTrainConfig(late_l2=[0.01, 1.0]))
+    late = result.metrics["late_head"]
+    val_with_photos = len(SplitImages.from_split(splits["val"], "val").product_ids)
+    assert late["validation_products"] == val_with_photos and late["l2"] in (0.01, 1.0)
+    assert set(late["cross_validated_nll_by_l2"]) == {"0.01", "1.0"}
+    assert late["validation_nll"]["fitted"] <= late["validation_nll"]["plain_log_linear"] + 1e-9
+    assert not torch.equal(model.bias, torch.zeros_like(model.bias))  # fitted, not the initial log-linear sum
+    assert not _changed(branches_before, model.image_branch)  # branches stay as trained
+    assert result.history == []
+    metrics = evaluate_model(model, splits["test"])
+    assert metrics["n_samples"] == len(splits["test"].products) and metrics["with_photos"]["n_samples"] > 0
+
+
+@pytest.mark.parametrize("head", ["late", "concat"])
+def test_several_photos_one_photo_or_no_text_each_get_an_answer(splits: dict[str, Marketplace],
+                                                                 branch_folders: dict[str, Path], head: str) -> None:
+    model = _fusion(branch_folders, head=head).eval()
+    product = splits["test"].products.iloc[0]
+    photos = splits["test"].load_images(product["image_ids"])
+    extra = splits["test"].load_images(splits["test"].products.iloc[1]["image_ids"][:1])
+    several = [*photos, *extra]
+    proba = model.predict_proba(images=[several, several[0], None, several], texts=[product["text"], "", "sofa", None])
+    assert proba.shape == (4, len(model.classes)) and np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    if head == "late":
+        # One input: that branch's own calibrated answer; several photos: their probabilities averaged.
+        image, text = _branches(branch_folders)
+        np.testing.assert_allclose(proba[1], image.predict_proba(images=[several[0]])[0], atol=1e-6)
+        np.testing.assert_allclose(proba[2], text.predict_proba(texts=["sofa"])[0], atol=1e-6)
+        np.testing.assert_allclose(proba[3], image.predict_proba(images=several).mean(axis=0), atol=1e-6)
+    with pytest.raises(ModelConfigError, match="listing 0 has neither a photo nor a text"):
+        model.predict_proba(images=[None], texts=["  "])
+
+
 def test_bad_inputs_are_clear_errors(branch_folders: dict[str, Path]) -> None:
     model = _fusion(branch_folders)
-    with pytest.raises(ModelConfigError, match="one image per text"):
+    with pytest.raises(ModelConfigError, match="one entry of images per text"):
         model.predict_proba(images=[], texts=["a bike"])
-    with pytest.raises(ModelConfigError, match="needs both images"):
-        model.predict_proba(texts=["a bike"])
+    with pytest.raises(ModelConfigError, match="needs images=.* and/or texts="):
+        model.predict_proba()
     with pytest.raises(ModelConfigError, match="unknown branch"):
-        _fusion(branch_folders, unfrozen=["audio"])
+        _fusion(branch_folders, head="concat", unfrozen=["audio"])
+    with pytest.raises(ModelConfigError, match="unfrozen branches train with the concat head"):
+        _fusion(branch_folders, unfrozen=["text"])
+    with pytest.raises(ModelConfigError, match="head must be one of"):
+        _fusion(branch_folders, head="gated")
     image, text = _branches(branch_folders)
     other = dict(model.config["image_config"], classes=["x", "y"])
     with pytest.raises(ModelConfigError, match="the image branch's classes"):

@@ -61,8 +61,8 @@ class CheckpointMixin(ModelHubMixin):
     Subclasses implement ``_state_arrays()`` (what goes into ``model.safetensors``) and
     ``_load_state_arrays(arrays)``; the arrays returned by a freshly constructed model define the
     keys and shapes a checkpoint must contain, which is what makes loading strict. A model that needs files
-    besides its arrays (a tokenizer's) writes them in ``_save_extra_files``; their checksums join config.json's in
-    the weights' header, and loading verifies them before the model reads them (in its ``_from_pretrained``).
+    besides its arrays (a tokenizer's) writes them in ``_save_extra_files`` and reads them in ``_load_extra_files``;
+    their checksums join config.json's in the weights' header, and loading verifies them before they are read.
     """
 
     model_type: ClassVar[str] = ""
@@ -96,6 +96,9 @@ class CheckpointMixin(ModelHubMixin):
     def _save_extra_files(self, folder: Path) -> list[str]:
         """Write the files the model needs besides its arrays into ``folder``; their paths relative to it."""
         return []
+
+    def _load_extra_files(self, folder: Path) -> None:
+        """Read what ``_save_extra_files`` wrote, once loading has verified it against the weights' header."""
 
     # ---- config -------------------------------------------------------------------------------
     def _record_config(self, **values: Any) -> None:
@@ -185,6 +188,7 @@ class CheckpointMixin(ModelHubMixin):
             config, config_sha256 = read_config(folder)
         model = cls._build(folder / CONFIG_FILE, config, model_kwargs)
         files = model._load_checkpoint_arrays(folder, config_sha256, int(config["format_version"]))
+        model._load_extra_files(folder)
         _report_foreign_files(folder, files)
         model.metrics = config.get("metrics") or {}
         model.data_summary = config.get("data_summary") or {}

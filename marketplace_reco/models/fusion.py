@@ -1,27 +1,29 @@
-"""Image + text fusion: a trained image classifier and text CNN, without their heads, feeding one new head.
+"""Image + text fusion: a trained image classifier and a trained text model, combined by a fusion head.
 
-The checkpoint holds copies of both branches (the image model's backbone and feature layer, the text CNN's
-embedding, convolutions and feature layer), so it runs on its own; ``image_model``/``text_model`` in its
-config record which checkpoints (name and revision) they were copied from.
+The checkpoint holds complete copies of both branches, so it runs on its own; ``image_model``/``text_model`` in
+its config record which checkpoints (name and revision) they were copied from. The text branch is any text
+classifier with features (the text CNN, the transformer); each branch is rebuilt from its config's model type.
 
-Each branch's feature vector goes through its own LayerNorm, then both are concatenated and a dropout +
-linear head gives the classes. Branches are frozen by default: their features are computed once per photo
-and per text and cached, so training the head takes seconds. ``unfrozen`` fine-tunes a branch end to end
-with the head: the text CNN entirely (its embedding only if it was fine-tuned in the text model), the image
-branch as far as the image model trained it (its ``trainable_blocks`` and feature layer; its frozen trunk
-stays frozen, and its outputs are still cached).
+Two heads (``head``):
+- ``"late"`` (the default): the branches' calibrated log-probabilities, weighted per class and branch, plus a
+  bias per class: ``logits = w_image * log p_image + w_text * log p_text + b``. A listing's photos count as one
+  image input (their probabilities averaged). The weights are fitted on the VALIDATION products, whose branch
+  outputs behave like those of new listings; a head fitted on the training products would learn to trust the
+  branch that is most overfit to them (the text CNN classifies its own training texts almost perfectly).
+- ``"concat"``: each branch's feature vector LayerNorm-ed, concatenated, dropout and a linear head, trained on
+  the training products with modality dropout (a random share of samples sees only one branch). ``unfrozen``
+  fine-tunes a branch with the head: the text CNN entirely (its embedding only if it was fine-tuned in the
+  text model), the image branch as far as the image model trained it.
 
-Why the head beats both branches rather than copying the better one: the branches' features on the
-training split are overfit (the text CNN classifies its own training texts almost perfectly), so a head fit
-on them would learn to trust text alone. Two things counter that: per-branch LayerNorm puts both feature
-vectors on the same scale, and modality dropout hides one branch's features (zeroes them) for a random
-``modality_dropout`` share of the training samples each, so the head must also learn to classify from each
-branch alone, and combines them at test time.
+A listing without a photo or with an empty text still gets an answer: with the late head it is the calibrated
+answer of the branch that has an input; the concat head sees zeros for the missing branch, as modality dropout
+taught it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,25 +32,74 @@ from PIL import Image
 from torch import nn
 
 from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
-from ._registry import register_model
+from ._registry import model_class, register_model
 from .errors import ModelConfigError
-from .image_classifier import INFERENCE_BATCH_SIZE, ImageClassifier, upgrade_config
-from .text_cnn import TextCNN
+from .image_classifier import ImageClassifier, upgrade_config
 
 BRANCHES = ("image", "text")
+HEADS = ("late", "concat")
+#: What a listing's photos may be in ``predict_proba``: one photo, several, or none.
+ListingImages = Image.Image | Sequence[Image.Image] | None
+# Branch types of fusion checkpoints saved before branches recorded their type.
+_DEFAULT_TYPES = {"image": "image-classifier", "text": "text-cnn"}
+# Listings per branch call in predict_proba: bounds the memory of decoded photos' tensors.
+_CHUNK = 64
 
 
 def _origin(model: CheckpointMixin) -> dict[str, str]:
     return {"name": model.source.get("name", "in memory"), "revision": model.source.get("revision", "")}
 
 
+def branch_config(model: CheckpointMixin) -> dict[str, Any]:
+    """What rebuilds a trained branch inside a fusion model: its type and init arguments."""
+    return {"model_type": model.model_type, **model.init_arguments()}
+
+
+def _build_branch(kind: str, config: dict[str, Any]) -> nn.Module:
+    arguments = dict(config)
+    model_type = arguments.pop("model_type", _DEFAULT_TYPES[kind])
+    cls = model_class(model_type)
+    if kind == "image":
+        if cls is not ImageClassifier:
+            raise ModelConfigError(f"the image branch must be an image-classifier, not {model_type!r}")
+        # The trunk's weights come from the image model (or this checkpoint), never from a download.
+        arguments = {**upgrade_config(arguments), "pretrained": False}
+    branch = cls(**arguments)
+    expected = "image" if kind == "image" else "text"
+    if branch.input_kind != expected or not isinstance(branch, nn.Module):
+        raise ModelConfigError(f"the {kind} branch must be a torch model of input kind {expected!r}; "
+                               f"{model_type!r} is {branch.input_kind!r}")
+    return branch
+
+
+def listing_groups(images: Sequence[ListingImages]) -> tuple[list[Image.Image], np.ndarray]:
+    """Every photo of the listings in one list, and each photo's listing index."""
+    photos: list[Image.Image] = []
+    owners: list[int] = []
+    for index, item in enumerate(images):
+        own = [] if item is None else [item] if isinstance(item, Image.Image) else list(item)
+        photos += own
+        owners += [index] * len(own)
+    return photos, np.asarray(owners, dtype=np.int64)
+
+
+def mean_by_listing(rows: np.ndarray, owners: np.ndarray, n_listings: int) -> np.ndarray:
+    """[n_listings, width] the mean of each listing's rows (zeros for a listing without any)."""
+    sums = np.zeros((n_listings, rows.shape[1]), dtype=np.float64)
+    np.add.at(sums, owners, rows)
+    counts = np.bincount(owners, minlength=n_listings)[:, None]
+    return sums / np.maximum(counts, 1)
+
+
 @register_model("fusion")
 class FusionClassifier(nn.Module, TorchCheckpointMixin):
-    """Concatenated image and text features (LayerNorm per branch) -> dropout -> linear head."""
+    """An image classifier and a text model combined by a late-fusion or a concatenation head."""
 
     input_kind = "image+text"
-    description = ("Image + text fusion: the feature layers of a trained image classifier and text CNN, each "
-                   "LayerNorm-ed, concatenated, and classified by a linear head trained with modality dropout.")
+    description = ("Image + text fusion: a trained image classifier and a trained text model, combined either by "
+                   "a per-class weighting of their calibrated log-probabilities fitted on validation listings "
+                   "(late) or by a linear head over their concatenated features (concat); a listing's photos count "
+                   "together, and a listing without a photo or text is answered by the other branch.")
 
     def __init__(
         self,
@@ -57,6 +108,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         text_config: dict[str, Any],
         image_model: dict[str, str] | None = None,
         text_model: dict[str, str] | None = None,
+        head: str = "late",
         unfrozen: list[str] = (),  # type: ignore[assignment]  # a tuple keeps the default immutable
         dropout: float = 0.3,
         modality_dropout: float = 0.3,
@@ -67,54 +119,79 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
             if list(config.get("classes", [])) != self.classes:
                 raise ModelConfigError(f"the {kind} branch's classes {config.get('classes')} differ from the "
                                        f"fusion model's {self.classes}; train both branches on the same data")
+        if head not in HEADS:
+            raise ModelConfigError(f"head must be one of {list(HEADS)}, not {head!r}")
         unknown = sorted(set(unfrozen) - set(BRANCHES))
         if unknown:
             raise ModelConfigError(f"unfrozen: unknown branch(es) {unknown}; choose from {list(BRANCHES)}")
+        if unfrozen and head != "concat":
+            raise ModelConfigError("unfrozen branches train with the concat head (--head concat); the late head is "
+                                   "fitted on the frozen branches' validation outputs")
         if not 0.0 <= modality_dropout <= 0.5:
             raise ModelConfigError(f"modality_dropout must be between 0 and 0.5 (per branch), not {modality_dropout}")
+        self.head_kind = head
         self.unfrozen = list(unfrozen)
         self.modality_dropout = modality_dropout
         #: Where the branches were copied from ({"name", "revision"}), for the record.
         self.image_model = image_model or {}
         self.text_model = text_model or {}
-        # The trunk's weights come from the image model (or this checkpoint), never from a download.
-        self.image_branch = ImageClassifier(**{**upgrade_config(image_config), "pretrained": False})
-        del self.image_branch.head
-        self.text_branch = TextCNN(**text_config)
-        self.text_branch.drop_classifiers()
+        self.image_branch: ImageClassifier = _build_branch("image", image_config)  # type: ignore[assignment]
+        self.text_branch = _build_branch("text", text_config)
+        if "text" in self.unfrozen and not hasattr(self.text_branch, "encode"):
+            raise ModelConfigError(f"the text branch ({self.text_branch.model_type}) cannot be unfrozen inside the "
+                                   "fusion model: only the text CNN's token ids are cached; fine-tune it on its own")
         for kind, branch in (("image", self.image_branch), ("text", self.text_branch)):
             if kind not in self.unfrozen:
                 branch.requires_grad_(False)
-        image_dim = self.image_branch.feature[0].out_features
-        self.image_norm = nn.LayerNorm(image_dim)
-        self.text_norm = nn.LayerNorm(self.text_branch.feature_dim)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim + self.text_branch.feature_dim,
-                                                                  len(self.classes)))
+        n_classes = len(self.classes)
+        if head == "late":
+            self.image_weight = nn.Parameter(torch.ones(n_classes))
+            self.text_weight = nn.Parameter(torch.ones(n_classes))
+            self.bias = nn.Parameter(torch.zeros(n_classes))
+        else:
+            image_dim = self.image_branch.feature[0].out_features
+            self.image_norm = nn.LayerNorm(image_dim)
+            self.text_norm = nn.LayerNorm(self.text_branch.feature_dim)
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_dim + self.text_branch.feature_dim,
+                                                                      n_classes))
         self.train()
 
     @classmethod
-    def from_branches(cls, image_model: ImageClassifier, text_model: TextCNN, *, unfrozen: Sequence[str] = (),
-                      **hyperparameters: Any) -> FusionClassifier:
-        """A new fusion model whose branches are copies of the trained models' weights (heads left out)."""
-        model = cls(image_model.classes, image_model.init_arguments(), text_model.init_arguments(),
+    def from_branches(cls, image_model: ImageClassifier, text_model: CheckpointMixin, *,
+                      unfrozen: Sequence[str] = (), **hyperparameters: Any) -> FusionClassifier:
+        """A new fusion model whose branches are copies of the trained models (their calibration included)."""
+        model = cls(image_model.classes, branch_config(image_model), branch_config(text_model),
                     image_model=_origin(image_model), text_model=_origin(text_model), unfrozen=list(unfrozen),
                     **hyperparameters)
-        model.image_branch.load_state_dict(
-            {k: v for k, v in image_model.state_dict().items() if not k.startswith("head.")}, strict=True)
-        model.text_branch.load_state_dict(text_model.feature_state_dict(), strict=True)
+        model.image_branch.load_state_dict(image_model.state_dict(), strict=True)
+        model.text_branch.load_state_dict(text_model.state_dict(), strict=True)  # type: ignore[attr-defined]
         return model
 
     def train(self, mode: bool = True) -> FusionClassifier:
-        """Frozen branches always run as at inference (no dropout): their features are cached that way."""
+        """Frozen branches always run as at inference (no dropout): their outputs are cached that way."""
         super().train(mode)
         for kind, branch in (("image", self.image_branch), ("text", self.text_branch)):
             if kind not in self.unfrozen:
                 branch.eval()
         return self
 
-    # ---- forward ----------------------------------------------------------------------------------
-    def fuse(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Logits [n, n_classes] from the branches' feature vectors (modality dropout while training)."""
+    def _save_extra_files(self, folder: Path) -> list[str]:
+        # A text branch with files of its own (a tokenizer) keeps them in a subfolder.
+        return [f"text_branch/{name}" for name in self.text_branch._save_extra_files(folder / "text_branch")]
+
+    def _load_extra_files(self, folder: Path) -> None:
+        self.text_branch._load_extra_files(folder / "text_branch")
+
+    # ---- the late head ----------------------------------------------------------------------------
+    def late_logits(self, image_log_proba: torch.Tensor, text_log_proba: torch.Tensor) -> torch.Tensor:
+        """Logits [n, n_classes] from both branches' log-probabilities (listings that have both inputs)."""
+        return self.image_weight * image_log_proba + self.text_weight * text_log_proba + self.bias
+
+    # ---- the concat head --------------------------------------------------------------------------
+    def fuse(self, image_features: torch.Tensor, text_features: torch.Tensor, *,
+             has_image: torch.Tensor | None = None, has_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Concat-head logits [n, n_classes] from the branches' feature vectors; a missing input (``has_*`` False)
+        and, while training, modality dropout zero that branch's part."""
         image = self.image_norm(image_features)
         text = self.text_norm(text_features)
         if self.training and self.modality_dropout > 0:
@@ -122,36 +199,73 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
             draw = torch.rand(len(image), 1, device=image.device)
             image = image * (draw >= self.modality_dropout)
             text = text * ((draw < self.modality_dropout) | (draw >= 2 * self.modality_dropout))
+        if has_image is not None:
+            image = image * has_image[:, None]
+        if has_text is not None:
+            text = text * has_text[:, None]
         return self.head(torch.cat([image, text], dim=1))
 
-    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of normalised photos [n, 3, h, w] and their listings' token ids [n, length]."""
-        return self.fuse(self.image_branch.features(pixels), self.text_branch.features(token_ids))
-
     # ---- raw inputs -------------------------------------------------------------------------------
-    def known_token_counts(self, texts: Sequence[str]) -> np.ndarray:
-        """[n] how many tokens of each text the text branch knows; 0 means the photo alone decides."""
-        return self.text_branch.known_token_counts(texts)
+    def known_token_counts(self, texts: Sequence[str | None]) -> np.ndarray:
+        """[n] how many tokens of each text the text branch knows; 0 means the photos alone decide."""
+        return self.text_branch.known_token_counts([text or "" for text in texts])
 
-    def predict_proba(self, images: Sequence[Image.Image] | None = None,
-                      texts: Sequence[str] | None = None) -> np.ndarray:
-        """Class probabilities [n, n_classes] of ``images[i]`` with ``texts[i]`` (one photo per listing text)."""
-        if images is None or texts is None:
-            raise ModelConfigError("FusionClassifier.predict_proba needs both images=[...] and texts=[...]")
-        if len(images) != len(texts) or not len(images):
-            raise ModelConfigError(f"FusionClassifier.predict_proba needs one image per text and at least one of "
-                                   f"each, got {len(images)} image(s) and {len(texts)} text(s)")
-        device = self.head[1].weight.device
+    def predict_proba(self, images: Sequence[ListingImages] | None = None,
+                      texts: Sequence[str | None] | None = None) -> np.ndarray:
+        """Class probabilities [n, n_classes] of n listings: ``images[i]`` (a photo, a list of the listing's photos,
+        or None) with ``texts[i]`` (a string; None or blank for no text). Each listing needs a photo or a text."""
+        if images is None and texts is None:
+            raise ModelConfigError("FusionClassifier.predict_proba needs images=[...] and/or texts=[...]")
+        n = len(images if images is not None else texts)  # type: ignore[arg-type]
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        if len(images) != len(texts):
+            raise ModelConfigError(f"FusionClassifier.predict_proba needs one entry of images per text, got "
+                                   f"{len(images)} and {len(texts)}")
+        rows = [self._predict_chunk(images[start:start + _CHUNK], texts[start:start + _CHUNK])
+                for start in range(0, n, _CHUNK)]
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def _predict_chunk(self, images: list[ListingImages], texts: list[str | None]) -> np.ndarray:
+        photos, owners = listing_groups(images)
+        has_image = np.bincount(owners, minlength=len(images)) > 0
+        has_text = np.array([bool(text and text.strip()) for text in texts])
+        missing = ~(has_image | has_text)
+        if missing.any():
+            raise ModelConfigError(f"listing {int(np.flatnonzero(missing)[0])} has neither a photo nor a text")
+        text_inputs = [text if present else "" for text, present in zip(texts, has_text, strict=True)]
+        if self.head_kind == "late":
+            return self._late_proba(photos, owners, text_inputs, has_image, has_text)
+        return self._concat_proba(photos, owners, text_inputs, has_image, has_text)
+
+    def _late_proba(self, photos: list[Image.Image], owners: np.ndarray, texts: list[str], has_image: np.ndarray,
+                    has_text: np.ndarray) -> np.ndarray:
+        text_proba = self.text_branch.predict_proba(texts=texts)
+        image_proba = text_proba.copy()  # rows of listings without a photo are replaced below
+        if photos:
+            image_proba = mean_by_listing(self.image_branch.predict_proba(images=photos), owners, len(texts))
+        with torch.inference_mode():
+            image_log = torch.log(torch.as_tensor(image_proba, dtype=torch.float32).clamp_min(1e-12))
+            text_log = torch.log(torch.as_tensor(text_proba, dtype=torch.float32).clamp_min(1e-12))
+            fused = torch.softmax(self.late_logits(image_log, text_log), dim=1).numpy()
+        # A listing with one input is answered by that branch alone, as calibrated on its own.
+        return np.where(has_image[:, None] & has_text[:, None], fused,
+                        np.where(has_image[:, None], image_proba, text_proba)).astype(np.float32)
+
+    def _concat_proba(self, photos: list[Image.Image], owners: np.ndarray, texts: list[str], has_image: np.ndarray,
+                      has_text: np.ndarray) -> np.ndarray:
+        image_features = np.zeros((len(texts), self.image_norm.normalized_shape[0]))
+        if photos:
+            image_features = mean_by_listing(self.image_branch.extract_features(photos), owners, len(texts))
+        text_features = self.text_branch.extract_features(texts)
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                token_ids = torch.from_numpy(self.text_branch.encode(texts).ids)
-                chunks = []
-                for start in range(0, len(images), INFERENCE_BATCH_SIZE):
-                    stop = start + INFERENCE_BATCH_SIZE
-                    pixels = self.image_branch.preprocess(images[start:stop]).to(device)
-                    chunks.append(torch.softmax(self(pixels, token_ids[start:stop].to(device)), dim=1).float().cpu())
+                logits = self.fuse(torch.as_tensor(image_features, dtype=torch.float32),
+                                   torch.as_tensor(text_features, dtype=torch.float32),
+                                   has_image=torch.as_tensor(has_image, dtype=torch.float32),
+                                   has_text=torch.as_tensor(has_text, dtype=torch.float32))
         finally:
             self.train(was_training)
-        return torch.cat(chunks).numpy()
+        return torch.softmax(logits, dim=1).numpy()

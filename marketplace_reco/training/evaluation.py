@@ -4,7 +4,7 @@ One function per input kind, chosen by ``evaluate_model`` from the model's ``inp
 - ``image``: every photo is classified and a product's probabilities are the mean of its photos' (products
   without a photo cannot be scored by a photo model and are left out); per-photo figures under ``per_image``;
 - ``text``: one prediction per product from its cleaned text;
-- ``image+text``: every photo paired with its product's text, averaged per product like photos.
+- ``image+text``: each product's photos together with its text (its text alone when it has no photo).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .metrics import evaluate
 from .plots import plot_confusion_matrix
 
 SPLIT_NAMES = ("train", "val", "test")
+# Products per model call when scoring photo + text models: bounds the decoded photos held at once.
+_LISTINGS_PER_CALL = 64
 #: Classes listed by name in the evaluation table: the ones recalled worst.
 _WORST_CLASSES = 3
 
@@ -48,14 +50,23 @@ def evaluate_texts(model: CheckpointMixin, split: Marketplace, name: str = "test
 
 
 def evaluate_listings(model: CheckpointMixin, split: Marketplace, name: str = "test") -> dict[str, Any]:
-    """Per-product metrics of a photo + text model: each photo with its product's text, averaged per product."""
-    photos = SplitImages.from_split(split, name)
-    texts = split.product_texts(photos.image_products)
-    chunks, start = [], 0
-    for images in image_chunks(split.image_store, photos.image_ids, desc=f"predict {name}"):
-        chunks.append(model.predict_proba(images=images, texts=texts[start:start + len(images)]))
-        start += len(images)
-    return photos.evaluate(np.concatenate(chunks), model.classes, name)
+    """Per-product metrics of a photo + text model: each product with all its photos and its text (a product
+    without photos by its text alone), with the accuracy of the products that have photos under ``with_photos``."""
+    products = split.products
+    proba = []
+    for start in range(0, len(products), _LISTINGS_PER_CALL):
+        chunk = products.iloc[start:start + _LISTINGS_PER_CALL]
+        ids = [image_id for image_ids in chunk["image_ids"] for image_id in image_ids]
+        decoded = dict(zip(ids, split.load_images(ids), strict=True)) if ids else {}
+        images = [[decoded[image_id] for image_id in image_ids] or None for image_ids in chunk["image_ids"]]
+        proba.append(model.predict_proba(images=images, texts=chunk["text"].tolist()))
+    proba_all = np.concatenate(proba)
+    metrics = evaluate(split.label_indices, proba_all, model.classes, split=name)
+    has_photos = products["image_ids"].map(len).to_numpy() > 0
+    with_photos = evaluate(split.label_indices[has_photos], proba_all[has_photos], model.classes, split=name)
+    metrics["unit"] = "products"
+    metrics["with_photos"] = {key: with_photos[key] for key in ("n_samples", "accuracy", "macro_f1")}
+    return metrics
 
 
 _BY_INPUT_KIND = {"image": evaluate_images, "text": evaluate_texts, "image+text": evaluate_listings}

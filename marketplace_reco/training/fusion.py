@@ -1,28 +1,47 @@
-"""Training the fusion head (and any unfrozen branch) on one sample per photo with its product's text."""
+"""Fitting the fusion head: the late head on the validation products, the concat head (and any unfrozen branch) on
+one training sample per photo with its product's text.
+
+Why the late head is fitted on validation products: the branches were trained on the training products, and their
+outputs there are far more confident than on listings they have never seen, so weights fitted on them would trust
+the most overfit branch. On the validation products the branches behave as on new listings. The late head has
+three numbers per class; their L2 pull towards plain log-linear fusion (weights 1, bias 0) is chosen by 5-fold
+cross-validation within the validation products.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from ..data.dataset import Marketplace
-from ..models.fusion import FusionClassifier
+from ..models.fusion import FusionClassifier, mean_by_listing
 from ..models.image_classifier import INFERENCE_BATCH_SIZE
 from .distributed import DistributedContext, single_process_context, wrap_model
 from .feature_cache import FeatureCache, cache_or_new, state_fingerprint
 from .image_classifier import cache_trunk_outputs
-from .image_data import CachedBatches, SplitImages, batch_loader, load_pixels
+from .image_data import CachedBatches, SplitImages, batch_loader, image_chunks, load_pixels
 from .loop import fit, one_cycle_adamw
+from .metrics import evaluate
 from .runs import TrainResult
+
+#: L2 strengths tried for the late head (chosen by cross-validation on the validation products).
+LATE_L2_GRID = (0.001, 0.01, 0.1, 1.0)
+_LATE_FOLDS = 5
 
 
 @dataclass
 class FusionTrainConfig:
-    """How the fusion head (and any unfrozen branch) is trained."""
+    """How the fusion head is fitted; the optimiser options apply to the concat head (the late head is fitted
+    exactly, by L-BFGS)."""
 
+    late_l2: list[float] = field(default_factory=lambda: list(LATE_L2_GRID), metadata={
+        "help": "late head: L2 strengths towards plain log-linear fusion, the best by 5-fold cross-validation on "
+                "the validation products"})
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -35,8 +54,7 @@ def branch_fingerprint(model: FusionClassifier, kind: str) -> str:
     """Hash of a branch's weights and input processing: the cache key of its feature vectors."""
     if kind == "image":
         return state_fingerprint(["image", model.image_branch.preprocessing], model.image_branch.state_dict())
-    text_input = [model.text_branch.encoder.preprocessor.to_config(), model.text_branch.max_length]
-    return state_fingerprint(["text", *text_input], model.text_branch.state_dict())
+    return state_fingerprint(["text", model.text_branch.init_arguments()], model.text_branch.state_dict())
 
 
 class _FromParts(nn.Module):
@@ -96,7 +114,99 @@ def _fusion_batches(model: FusionClassifier, split: Marketplace, photos: SplitIm
 
 def train(model: FusionClassifier, splits: dict[str, Marketplace], config: FusionTrainConfig,
           context: DistributedContext | None = None, *, cache: FeatureCache | None = None) -> TrainResult:
-    """Train the head (and any unfrozen branch) in place, one sample per photo with its product's text.
+    """Fit ``model``'s head in place: the late head on ``splits["val"]`` (``fit_late_head``), the concat head as
+    ``train_concat_head`` does."""
+    if model.head_kind == "late":
+        return fit_late_head(model, splits["val"], config)
+    return train_concat_head(model, splits, config, context, cache=cache)
+
+
+def branch_log_proba(model: FusionClassifier, split: Marketplace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each branch's calibrated log-probabilities [n, n_classes] for the products of ``split`` that have photos
+    (their photos' probabilities averaged), and those products' label indices."""
+    images = SplitImages.from_split(split, "validation")
+    photo_proba = np.concatenate([model.image_branch.predict_proba(images=chunk)
+                                  for chunk in image_chunks(split.image_store, images.image_ids,
+                                                            desc="image branch (validation)")])
+    owners = np.unique(images.image_products, return_inverse=True)[1]
+    order = np.unique(images.image_products)
+    image_proba = mean_by_listing(photo_proba, owners, len(order))
+    text_proba = model.text_branch.predict_proba(texts=split.product_texts(order))
+    labels = split.products.set_index("product_id").loc[order, "label"].map(split.classes.index).to_numpy(np.int64)
+    return np.log(np.clip(image_proba, 1e-12, None)), np.log(np.clip(text_proba, 1e-12, None)), labels
+
+
+def _fit_late(image_log: torch.Tensor, text_log: torch.Tensor, labels: torch.Tensor, l2: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The late head's (image weight, text weight, bias) minimising NLL + l2 * distance from (1, 1, 0)."""
+    n_classes = image_log.shape[1]
+    weights = torch.ones(2, n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = weights[0] * image_log + weights[1] * text_log + bias
+        loss = (nn.functional.cross_entropy(logits, labels)
+                + l2 * (((weights - 1) ** 2).sum() + (bias ** 2).sum()))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weights[0].detach(), weights[1].detach(), bias.detach()
+
+
+def _late_nll(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], image_log: torch.Tensor,
+              text_log: torch.Tensor, labels: torch.Tensor) -> float:
+    image_weight, text_weight, bias = parts
+    return float(nn.functional.cross_entropy(image_weight * image_log + text_weight * text_log + bias, labels))
+
+
+def fit_late_head(model: FusionClassifier, val: Marketplace, config: FusionTrainConfig) -> TrainResult:
+    """Fit the late head on the validation products with photos, its L2 strength by cross-validation there."""
+    started = time.perf_counter()
+    image_np, text_np, labels_np = branch_log_proba(model, val)
+    image_log, text_log = torch.as_tensor(image_np), torch.as_tensor(text_np)
+    labels = torch.as_tensor(labels_np.copy())
+    folds = StratifiedKFold(n_splits=min(_LATE_FOLDS, int(np.bincount(labels_np).min())), shuffle=True,
+                            random_state=config.seed) if len(set(labels_np)) > 1 else None
+    cross_validated: dict[str, float] = {}
+    for l2 in config.late_l2:
+        if folds is None or folds.n_splits < 2:
+            cross_validated[str(l2)] = float("nan")
+            continue
+        losses = []
+        for fit_rows, held_rows in folds.split(image_np, labels_np):
+            fitted = _fit_late(image_log[fit_rows], text_log[fit_rows], labels[fit_rows], l2)
+            losses.append(_late_nll(fitted, image_log[held_rows], text_log[held_rows], labels[held_rows]))
+        cross_validated[str(l2)] = float(np.mean(losses))
+    best = min(config.late_l2, key=lambda l2: (np.nan_to_num(cross_validated[str(l2)], nan=np.inf), -l2))
+    image_weight, text_weight, bias = _fit_late(image_log, text_log, labels, best)
+    with torch.no_grad():
+        model.image_weight.copy_(image_weight)
+        model.text_weight.copy_(text_weight)
+        model.bias.copy_(bias)
+    plain = (torch.ones_like(bias), torch.ones_like(bias), torch.zeros_like(bias))
+    fused = torch.softmax(model.late_logits(image_log.float(), text_log.float()), dim=1).detach().numpy()
+    model.eval()
+    return TrainResult(metrics={
+        "late_head": {
+            "validation_products": len(labels_np),
+            "l2": best,
+            "cross_validated_nll_by_l2": cross_validated,
+            "validation_nll": {"plain_log_linear": _late_nll(plain, image_log, text_log, labels),
+                               "fitted": _late_nll((image_weight, text_weight, bias), image_log, text_log, labels)},
+            "validation_accuracy": {name: evaluate(labels_np, proba, model.classes)["accuracy"]
+                                    for name, proba in (("image", np.exp(image_np)), ("text", np.exp(text_np)),
+                                                        ("fused", fused))},
+            "mean_weights": {"image": float(image_weight.mean()), "text": float(text_weight.mean())},
+            "seconds": round(time.perf_counter() - started, 1),
+        }})
+
+
+def train_concat_head(model: FusionClassifier, splits: dict[str, Marketplace], config: FusionTrainConfig,
+                      context: DistributedContext | None = None, *, cache: FeatureCache | None = None) -> TrainResult:
+    """Train the concat head (and any unfrozen branch) in place, one sample per photo with its product's text.
 
     Frozen branches' feature vectors, and the image trunk's outputs of an unfrozen image branch, are computed
     once and kept in ``cache`` (default: a new ``FeatureCache``, closed at the end). AdamW with a one-cycle LR

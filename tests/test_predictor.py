@@ -137,12 +137,24 @@ def test_inputs_that_do_not_fit_the_model(named: Path, model: str, kwargs: dict,
         Predictor.from_pretrained(model).predict(**kwargs)
 
 
-def test_one_text_per_image_is_checked_before_anything_runs(named: Path) -> None:
+def test_listings_are_checked_before_anything_runs(named: Path) -> None:
     predictor = Predictor.from_pretrained("text-cnn")
     with pytest.raises(PredictorInputError, match="does not take images"):
-        predictor.check_inputs(2, ["a", "b"])
+        predictor.check_listings([1, 1], ["a", "b"])
     with pytest.raises(PredictorInputError, match="needs a text"):
-        predictor.check_inputs(0, [])
+        predictor.check_listings([], [])
+    photos = Predictor.from_pretrained("hog-svm")
+    with pytest.raises(PredictorInputError, match="needs an image"):
+        photos.check_listings([2, 0], None)
+
+
+def test_a_listing_s_photos_count_together(named: Path) -> None:
+    predictor = Predictor.from_pretrained("hog-svm")
+    first, second = _photo((200, 50, 50), "horizontal"), _photo((50, 200, 50), "vertical")
+    together = predictor.predict(image=[first, second])
+    alone = [predictor.predict(image=photo) for photo in (first, second)]
+    for name, probability in together.probabilities.items():
+        assert probability == pytest.approx((alone[0].probabilities[name] + alone[1].probabilities[name]) / 2)
 
 
 def test_bad_photos_raise_the_data_layers_errors(named: Path) -> None:

@@ -261,7 +261,7 @@ def test_combined_with_either_field_names(client: httpx.Client, checkpoints: Pat
     assert by_new["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
     assert by_new["known_tokens"] == 1 and by_new["warning"] is None
     unknown = client.post("/combined", files={"image": photo}, data={"text": "zzz qqq"}).json()
-    assert unknown["known_tokens"] == 0 and "rests on the photo alone" in unknown["warning"]
+    assert unknown["known_tokens"] == 0 and "rests on the photos alone" in unknown["warning"]
 
 
 def test_combined_batch_pairs_the_ith_photo_with_the_ith_text(client: httpx.Client) -> None:
@@ -287,7 +287,6 @@ def test_combined_batch_pairs_the_ith_photo_with_the_ith_text(client: httpx.Clie
     ({"content": RED}, 415, "unsupported_media_type", "without Content-Type"),
     ({"files": {"photo": RED}}, 422, "invalid_input", "'image'"),
     ({"data": {"image": "not a file"}}, 422, "invalid_input", "file upload"),
-    ({"files": [("image", RED), ("image", GREEN)]}, 422, "invalid_input", "/image/batch"),
 ])
 def test_bad_image_requests(client: httpx.Client, request_kwargs: dict, status: int, code: str, says: str) -> None:
     assert says in error_message(client.post("/image", **request_kwargs), status, code)
@@ -312,10 +311,10 @@ def test_bad_text_requests(client: httpx.Client, request_kwargs: dict, status: i
 
 
 @pytest.mark.parametrize(("path", "request_kwargs", "says"), [
-    ("/combined", {"files": {"image": RED}}, "'text'"),
-    ("/combined", {"data": {"text": "a phone"}, "files": {"other": RED}}, "'image'"),
+    ("/combined", {"data": {"other": "a phone"}, "files": {"other": RED}}, "'image'"),
+    ("/combined", {"files": {"image": RED}, "data": {"text": ["a phone", "a dress"]}}, "one text"),
     ("/combined/batch", {"files": [("image", RED), ("image", GREEN)], "data": {"text": "a phone"}},
-     "one text per image"),
+     "pairs the i-th photo with the i-th text"),
     ("/text/batch", {"json": {"texts": []}}, "at least 1"),
 ])
 def test_bad_combined_and_batch_requests(client: httpx.Client, path: str, request_kwargs: dict, says: str) -> None:
@@ -451,3 +450,29 @@ def test_a_model_that_fails_to_load_keeps_ready_503_and_says_why(checkpoints: Pa
 def test_an_app_needs_a_model() -> None:
     with pytest.raises(ValueError, match="MARKETPLACE_IMAGE_MODEL"):
         create_app(ServingSettings(image_model=None, text_model=None, combined_model=None))
+
+
+def test_a_listing_s_several_photos_count_together(client: httpx.Client, checkpoints: Path) -> None:
+    both = client.post("/image", files=[("image", ("red.jpg", RED, "image/jpeg")),
+                                        ("image", ("green.jpg", GREEN, "image/jpeg"))])
+    assert both.status_code == 200, both.text
+    expected = Predictor.from_pretrained(str(checkpoints / "image-classifier")).predict(image=[RED, GREEN])
+    assert both.json()["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+    alone = [client.post("/image", files={"image": photo}).json()["probabilities"] for photo in (RED, GREEN)]
+    assert both.json()["probabilities"] == pytest.approx({name: (alone[0][name] + alone[1][name]) / 2
+                                                          for name in alone[0]}, abs=1e-5)
+
+
+def test_a_combined_listing_without_text_or_without_photo_gets_an_answer(client: httpx.Client,
+                                                                         checkpoints: Path) -> None:
+    fusion = Predictor.from_pretrained(str(checkpoints / "fusion"))
+    photo_only = client.post("/combined", files={"image": ("red.jpg", RED, "image/jpeg")})
+    assert photo_only.status_code == 200, photo_only.text
+    assert "no text" in photo_only.json()["warning"]
+    assert photo_only.json()["probabilities"] == pytest.approx(fusion.predict(image=RED).probabilities, abs=1e-5)
+    for text_only in (client.post("/combined", data={"text": "red dress"}),
+                      client.post("/combined", files={"text": (None, "red dress")})):
+        assert text_only.status_code == 200, text_only.text
+        assert "no photo" in text_only.json()["warning"] and text_only.json()["known_tokens"] == 1
+    blank_text = client.post("/combined", files={"image": ("red.jpg", RED, "image/jpeg")}, data={"text": "  "})
+    assert blank_text.status_code == 200 and "no text" in blank_text.json()["warning"]

@@ -7,6 +7,7 @@ lives in ``marketplace_reco.training``.
 from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
 from ._format import CARD_FILE, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_config
 from ._hub import DEFAULT_REVISION, ResolvedCheckpoint, pull_checkpoint, push_checkpoint, resolve_checkpoint
+from ._listings import ListingImages, mean_by_listing
 from ._registry import create_model, list_models, load_model, register_model
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
 from .fusion import FusionClassifier
@@ -29,6 +30,7 @@ __all__ = [
     "HogSvmClassifier",
     "HubError",
     "ImageClassifier",
+    "ListingImages",
     "ModelConfigError",
     "PretrainedWeightsError",
     "ResolvedCheckpoint",
@@ -39,6 +41,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_model",
+    "mean_by_listing",
     "pull_checkpoint",
     "push_checkpoint",
     "register_model",

@@ -32,14 +32,13 @@ from PIL import Image
 from torch import nn
 
 from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
+from ._listings import ListingImages, listing_groups, mean_by_listing
 from ._registry import model_class, register_model
 from .errors import ModelConfigError
 from .image_classifier import ImageClassifier, upgrade_config
 
 BRANCHES = ("image", "text")
 HEADS = ("late", "concat")
-#: What a listing's photos may be in ``predict_proba``: one photo, several, or none.
-ListingImages = Image.Image | Sequence[Image.Image] | None
 # Branch types of fusion checkpoints saved before branches recorded their type.
 _DEFAULT_TYPES = {"image": "image-classifier", "text": "text-cnn"}
 # Listings per branch call in predict_proba: bounds the memory of decoded photos' tensors.
@@ -70,25 +69,6 @@ def _build_branch(kind: str, config: dict[str, Any]) -> nn.Module:
         raise ModelConfigError(f"the {kind} branch must be a torch model of input kind {expected!r}; "
                                f"{model_type!r} is {branch.input_kind!r}")
     return branch
-
-
-def listing_groups(images: Sequence[ListingImages]) -> tuple[list[Image.Image], np.ndarray]:
-    """Every photo of the listings in one list, and each photo's listing index."""
-    photos: list[Image.Image] = []
-    owners: list[int] = []
-    for index, item in enumerate(images):
-        own = [] if item is None else [item] if isinstance(item, Image.Image) else list(item)
-        photos += own
-        owners += [index] * len(own)
-    return photos, np.asarray(owners, dtype=np.int64)
-
-
-def mean_by_listing(rows: np.ndarray, owners: np.ndarray, n_listings: int) -> np.ndarray:
-    """[n_listings, width] the mean of each listing's rows (zeros for a listing without any)."""
-    sums = np.zeros((n_listings, rows.shape[1]), dtype=np.float64)
-    np.add.at(sums, owners, rows)
-    counts = np.bincount(owners, minlength=n_listings)[:, None]
-    return sums / np.maximum(counts, 1)
 
 
 @register_model("fusion")

@@ -149,7 +149,7 @@ def _cancel(timer: asyncio.TimerHandle | None) -> None:
 
 
 def uvicorn_config(app: Any, settings: ServingSettings, **options: Any) -> uvicorn.Config:
-    """The uvicorn configuration of ``app`` under ``settings`` (host, port, connection limits); ``options`` add to it."""
+    """The uvicorn configuration of ``app`` under ``settings`` (host, port, connection limits), plus ``options``."""
     return uvicorn.Config(
         app,
         host=settings.host,

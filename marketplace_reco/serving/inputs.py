@@ -214,23 +214,32 @@ def _check_texts(texts: Iterable[str], settings: ServingSettings) -> None:
 
 
 def _check_count(inputs: PredictInputs, batch: bool, endpoint: str, limit: int) -> PredictInputs:
+    """At most ``limit`` photos and texts; a single endpoint answers one listing: its photos, and one text."""
+    if not batch and len(inputs.texts) > 1:
+        raise InvalidInputError(f"send one text to /{endpoint} (with the listing's photos), or several listings to "
+                                f"/{endpoint}/batch; got {len(inputs.texts)} texts")
     for what, count in (("image", len(inputs.images)), ("text", len(inputs.texts))):
-        if not batch and count > 1:
-            raise InvalidInputError(f"send one {what} to /{endpoint}, or several to /{endpoint}/batch; got {count}")
         if count > limit:
             raise TooManyInputsError(f"at most {limit} {what}s per request; got {count}")
     return inputs
 
 
-def _require(inputs: PredictInputs, images: bool, texts: bool) -> PredictInputs:
-    if images and not inputs.images:
+def _require(inputs: PredictInputs, images: bool, texts: bool, *, either: bool) -> PredictInputs:
+    """The fields an endpoint needs; with ``either`` (a single listing of a photo + text model) one of them is
+    enough: a listing without a photo, or without a text, still gets an answer."""
+    missing_images = images and not inputs.images
+    missing_texts = texts and not inputs.texts
+    if either and not (missing_images and missing_texts):
+        return inputs
+    if missing_images:
         raise InvalidInputError("missing the file field 'image' (or 'img')")
-    if texts and not inputs.texts:
+    if missing_texts:
         raise InvalidInputError("missing the field 'text' (or 'txt')")
     return inputs
 
 
-async def _read_form(request: Request, settings: ServingSettings, *, images: bool, texts: bool) -> PredictInputs:
+async def _read_form(request: Request, settings: ServingSettings, *, images: bool, texts: bool,
+                     either: bool = False) -> PredictInputs:
     media_type = _media_type(request.headers.get("content-type"))
     if media_type not in _FORM_MEDIA_TYPES:
         wanted = "a file field 'image'" + (" and a field 'text'" if texts else "")
@@ -244,7 +253,7 @@ async def _read_form(request: Request, settings: ServingSettings, *, images: boo
             inputs.images = await _read_images(form, settings)
     finally:
         await form.close()
-    return _require(inputs, images, texts)
+    return _require(inputs, images, texts, either=either)
 
 
 def form_inputs(endpoint: str, *, images: bool, texts: bool, batch: bool
@@ -252,7 +261,7 @@ def form_inputs(endpoint: str, *, images: bool, texts: bool, batch: bool
     """A dependency reading the photos and/or texts of a form request to ``/<endpoint>[/batch]``."""
 
     async def read(request: Request, settings: SettingsDep) -> PredictInputs:
-        inputs = await _read_form(request, settings, images=images, texts=texts)
+        inputs = await _read_form(request, settings, images=images, texts=texts, either=images and texts and not batch)
         return _check_count(inputs, batch, endpoint, settings.max_items_per_request)
 
     return read

@@ -59,7 +59,8 @@ _TRIM_AFTER_PIXELS = 16_000_000
 #: glibc's malloc_trim; None elsewhere (musl, macOS), where there is nothing to do.
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
-_Item = tuple[Image.Image | None, str | None]
+# One listing: its decoded photos (none for a text) and its text (None without one).
+_Item = tuple[tuple[Image.Image, ...], str | None]
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,9 @@ class _ServedModel:
 
 
 def _predict_items(predictor: Predictor, items: list[_Item]) -> list[Prediction]:
-    """The batch function: one model call on (image, text) pairs already checked and decoded."""
-    images = [image for image, _ in items] if predictor.takes_images else None
-    texts = [text for _, text in items] if predictor.takes_texts else None
-    return predictor.predict_decoded(images, texts)  # type: ignore[arg-type]  # checked in predict()
+    """The batch function: one model call on listings (photos, text) already checked and decoded."""
+    return predictor.predict_decoded([list(photos) for photos, _ in items],
+                                     [text for _, text in items] if predictor.takes_texts else None)
 
 
 def _decode(predictor: Predictor, uploads: Sequence[ImageUpload]) -> list[Image.Image]:
@@ -197,8 +197,8 @@ class ModelPool:
                                  f"but {name!r} is {predictor.input_kind!r}")
         if self._settings.warmup:
             # The first call of a torch model is slow (allocations, kernel selection): pay it before going ready.
-            image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (127, 127, 127))
-            _predict_items(predictor, [(image, "warm up")])
+            photos = (Image.new("RGB", _WARMUP_IMAGE_SIZE, (127, 127, 127)),) if predictor.takes_images else ()
+            _predict_items(predictor, [(photos, "warm up")])
         return predictor
 
     def predictors(self) -> list[Predictor]:
@@ -221,9 +221,13 @@ class ModelPool:
         served = ", ".join(repr(known) for known in self.status) or "none"
         raise NoModelError(f"no model {name!r} on this server; it serves: {served}")
 
-    async def predict(self, endpoint: str, images: Sequence[ImageUpload], texts: Sequence[str],
+    async def predict(self, endpoint: str, images: Sequence[ImageUpload], texts: Sequence[str], *, batch: bool,
                       model: str | None = None) -> list[Prediction]:
-        """Answer a prediction endpoint: check the inputs, decode photos off the event loop, batch, predict."""
+        """Answer a prediction endpoint: check the inputs, decode photos off the event loop, batch, predict.
+
+        A single endpoint answers one listing: every photo sent is one of its photos. A batch endpoint answers
+        one listing per photo (and, for /combined/batch, the photo with the text of the same position).
+        """
         name = model if model is not None else self.endpoints.get(endpoint)
         if name is None:
             raise NoModelError(f"this server has no {endpoint} model (set MARKETPLACE_{endpoint.upper()}_MODEL)")
@@ -232,14 +236,21 @@ class ModelPool:
         if predictor.input_kind != ENDPOINT_INPUT_KINDS[endpoint]:
             raise InvalidInputError(f"model {name!r} takes {predictor.input_kind!r} inputs, "
                                     f"not what /{endpoint} sends ({ENDPOINT_INPUT_KINDS[endpoint]!r})")
+        if batch and images and texts and len(images) != len(texts):
+            raise InvalidInputError(f"/{endpoint}/batch pairs the i-th photo with the i-th text; got {len(images)} "
+                                    f"photos and {len(texts)} texts")
+        listings = [[upload] for upload in images] if batch else [list(images)] if images else []
+        n = max(len(listings), len(texts))
+        listings += [[] for _ in range(n - len(listings))]  # listings with a text and no photo
+        listed_texts = [*texts, *[None] * (n - len(texts))] if predictor.takes_texts else None
         try:
-            predictor.check_inputs(len(images), texts or None)
+            predictor.check_listings([len(photos) for photos in listings], listed_texts)
         except PredictorInputError as exc:
             raise InvalidInputError(str(exc)) from exc
         timeout_s = self._settings.inference_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._predict(served, images, texts)
+                return await self._predict(served, listings, listed_texts or [None] * n)
         except TimeoutError:
             raise InferenceTimeoutError(timeout_s) from None
         except BatcherFullError as exc:
@@ -248,26 +259,27 @@ class ModelPool:
             logger.error("refused to answer: %s", exc)
             raise ModelOutputInvalidError(str(exc)) from None
 
-    async def _predict(self, served: _ServedModel, images: Sequence[ImageUpload], texts: Sequence[str]
+    async def _predict(self, served: _ServedModel, listings: list[list[ImageUpload]], texts: list[str | None]
                        ) -> list[Prediction]:
-        count = max(len(images), len(texts))
-        paired_texts: list[str | None] = list(texts) if texts else [None] * count
         # Refused before anything is decoded when the queue is full already; submit_many checks again.
-        served.batcher.check_room(count)
-        if not images:
-            return await served.batcher.submit_many([(None, text) for text in paired_texts])
-        pixels = sum(upload.pixels for upload in images)
+        served.batcher.check_room(len(listings))
+        uploads = [upload for photos in listings for upload in photos]
+        if not uploads:
+            return await served.batcher.submit_many([((), text) for text in texts])
+        pixels = sum(upload.pixels for upload in uploads)
         try:
             async with self._pixels.hold(pixels):
-                return await self._decode_and_submit(served, images, paired_texts)
+                return await self._decode_and_submit(served, listings, texts)
         finally:  # the decoded photos went with _decode_and_submit's frame
             self._give_memory_back_after(pixels)
 
-    async def _decode_and_submit(self, served: _ServedModel, images: Sequence[ImageUpload],
+    async def _decode_and_submit(self, served: _ServedModel, listings: list[list[ImageUpload]],
                                  texts: Sequence[str | None]) -> list[Prediction]:
         loop = asyncio.get_running_loop()
-        decoded = await loop.run_in_executor(self._decoder, _decode, served.predictor, images)
-        return await served.batcher.submit_many(list(zip(decoded, texts, strict=True)))
+        uploads = [upload for photos in listings for upload in photos]
+        decoded = iter(await loop.run_in_executor(self._decoder, _decode, served.predictor, uploads))
+        items = [(tuple(next(decoded) for _ in photos), text) for photos, text in zip(listings, texts, strict=True)]
+        return await served.batcher.submit_many(items)
 
     def _give_memory_back_after(self, pixels: int) -> None:
         """Have glibc return freed memory to the system once no request holds decoded pixels (module docstring)."""

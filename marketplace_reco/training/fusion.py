@@ -19,7 +19,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from ..data.dataset import Marketplace
-from ..models.fusion import FusionClassifier, mean_by_listing
+from ..models import mean_by_listing
+from ..models.fusion import FusionClassifier
 from ..models.image_classifier import INFERENCE_BATCH_SIZE
 from .distributed import DistributedContext, single_process_context, wrap_model
 from .feature_cache import FeatureCache, cache_or_new, state_fingerprint

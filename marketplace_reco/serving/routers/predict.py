@@ -40,13 +40,18 @@ def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[Ba
     def field(schema: dict[str, Any]) -> dict[str, Any]:
         return {"type": "array", "items": schema} if batch else schema
 
-    properties = {}
+    properties: dict[str, Any] = {}
     if images:
-        properties["image"] = field({"type": "string", "format": "binary",
-                                     "description": "the photo ('img' works too)"})
+        # A single listing may have several photos: they count together.
+        properties["image"] = ({"type": "array", "items": {"type": "string", "format": "binary"},
+                                "description": "the listing's photo, or several of its photos ('img' works too)"}
+                               if not batch else field({"type": "string", "format": "binary",
+                                                        "description": "one photo per listing ('img' works too)"}))
     if texts:
         properties["text"] = field({"type": "string", "description": "the listing text ('txt' works too)"})
-    form = {"schema": {"type": "object", "properties": properties, "required": list(properties)}}
+    # A single listing of a photo + text model needs a photo or a text: either may be left out.
+    required = [] if images and texts and not batch else list(properties)
+    form = {"schema": {"type": "object", "properties": properties, "required": required}}
     content = {"multipart/form-data": form}
     if json_model is not None:
         content["application/json"] = {"schema": json_model.model_json_schema()}
@@ -55,13 +60,13 @@ def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[Ba
     return {"requestBody": {"required": True, "content": content}}
 
 
-@router.post("/image", response_model=Prediction, summary="Category of a listing from its photo",
+@router.post("/image", response_model=Prediction, summary="Category of a listing from its photo (or photos)",
              openapi_extra=_request_body(images=True, texts=False, batch=False))
 async def predict_image(
     inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=False))],
     pool: PoolDep, model: ModelQuery = None,
 ) -> Prediction:
-    return (await pool.predict("image", inputs.images, inputs.texts, model))[0]
+    return (await pool.predict("image", inputs.images, inputs.texts, batch=False, model=model))[0]
 
 
 @router.post("/image/batch", response_model=BatchPrediction, summary="Categories of several photos",
@@ -70,7 +75,8 @@ async def predict_image_batch(
     inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=True))],
     pool: PoolDep, model: ModelQuery = None,
 ) -> BatchPrediction:
-    return BatchPrediction(predictions=await pool.predict("image", inputs.images, inputs.texts, model))
+    predictions = await pool.predict("image", inputs.images, inputs.texts, batch=True, model=model)
+    return BatchPrediction(predictions=predictions)
 
 
 @router.post("/text", response_model=Prediction, summary="Category of a listing from its text",
@@ -78,7 +84,7 @@ async def predict_image_batch(
 async def predict_text(
     inputs: Annotated[PredictInputs, Depends(text_inputs(batch=False))], pool: PoolDep, model: ModelQuery = None,
 ) -> Prediction:
-    return (await pool.predict("text", inputs.images, inputs.texts, model))[0]
+    return (await pool.predict("text", inputs.images, inputs.texts, batch=False, model=model))[0]
 
 
 @router.post("/text/batch", response_model=BatchPrediction, summary="Categories of several texts",
@@ -86,16 +92,18 @@ async def predict_text(
 async def predict_text_batch(
     inputs: Annotated[PredictInputs, Depends(text_inputs(batch=True))], pool: PoolDep, model: ModelQuery = None,
 ) -> BatchPrediction:
-    return BatchPrediction(predictions=await pool.predict("text", inputs.images, inputs.texts, model))
+    predictions = await pool.predict("text", inputs.images, inputs.texts, batch=True, model=model)
+    return BatchPrediction(predictions=predictions)
 
 
-@router.post("/combined", response_model=Prediction, summary="Category of a listing from its photo and text",
+@router.post("/combined", response_model=Prediction,
+             summary="Category of a listing from its photos and text (one of them may be missing)",
              openapi_extra=_request_body(images=True, texts=True, batch=False))
 async def predict_combined(
     inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=False))],
     pool: PoolDep, model: ModelQuery = None,
 ) -> Prediction:
-    return (await pool.predict("combined", inputs.images, inputs.texts, model))[0]
+    return (await pool.predict("combined", inputs.images, inputs.texts, batch=False, model=model))[0]
 
 
 @router.post("/combined/batch", response_model=BatchPrediction,
@@ -105,4 +113,5 @@ async def predict_combined_batch(
     inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=True))],
     pool: PoolDep, model: ModelQuery = None,
 ) -> BatchPrediction:
-    return BatchPrediction(predictions=await pool.predict("combined", inputs.images, inputs.texts, model))
+    predictions = await pool.predict("combined", inputs.images, inputs.texts, batch=True, model=model)
+    return BatchPrediction(predictions=predictions)

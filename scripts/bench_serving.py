@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.serving import Predictor, ServingSettings
 from marketplace_reco.settings import reports_dir
+from marketplace_reco.training.benchmarks import BenchmarkReport, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve.py"
@@ -277,14 +277,12 @@ async def _drive(port: int, run: Run, requests: list[bytes], n_requests: int) ->
 
 
 def _table(runs: list[Run]) -> str:
-    header = ("| endpoint | requests | errors | clients | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) "
-              "| in-process (req/s) | served / in-process |")
-    lines = [header, "|" + "---|" * 10]
-    for run in runs:
-        lines.append(f"| /{run.endpoint} | {run.requests} | {run.errors} | {run.concurrency} | {run.throughput:.1f} "
-                     f"| {run.percentile(50):.1f} | {run.percentile(95):.1f} | {run.percentile(99):.1f} "
-                     f"| {run.in_process_per_s:.1f} | {run.ratio:.2f} |")
-    return "\n".join(lines)
+    header = ["endpoint", "requests", "errors", "clients", "throughput (req/s)", "p50 (ms)", "p95 (ms)", "p99 (ms)",
+              "in-process (req/s)", "served / in-process"]
+    return markdown_table(header, [
+        [f"/{run.endpoint}", run.requests, run.errors, run.concurrency, f"{run.throughput:.1f}",
+         f"{run.percentile(50):.1f}", f"{run.percentile(95):.1f}", f"{run.percentile(99):.1f}",
+         f"{run.in_process_per_s:.1f}", f"{run.ratio:.2f}"] for run in runs])
 
 
 def _bar_failures(runs: list[Run]) -> list[str]:
@@ -309,7 +307,7 @@ def main() -> None:
     listings = _listings(args)
     models = {"image": args.image_model, "text": args.text_model, "combined": args.combined_model}
 
-    load_before = os.getloadavg()[0]
+    report = BenchmarkReport("Serving benchmark", args.report or reports_dir() / "bench_serving.md")
     port = _free_port()
     server = _start_server(args, port)
     runs = []
@@ -334,23 +332,17 @@ def main() -> None:
     table = _table(runs)
     failures = _bar_failures(runs)
     verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
-    setup = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-             f"server {args.torch_threads} torch threads, max batch {args.max_batch_size}, "
-             f"max wait {args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items())
-             + f"; load average from other processes: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    report = args.report or reports_dir() / "bench_serving.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(
-        "# Serving benchmark\n\n"
-        f"`python scripts/bench_serving.py {' '.join(sys.argv[1:])}`\n\n{setup}.\n\n{table}\n\n"
+    setup = (f"Server {args.torch_threads} torch threads, max batch {args.max_batch_size}, max wait "
+             f"{args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items()))
+    report.write(
+        f"{setup}.\n\n{table}\n\n"
         "In-process: `Predictor.predict_batch` on encoded photos/texts (decoding included), batches of the "
         "server's max batch size, the better of the server's torch thread count and all cores. Served: one "
         "listing per request over HTTP from a separate server process, clients on the same machine. The two "
         f"alternate in {args.rounds} rounds per endpoint, so both meet the same load from other processes.\n\n"
         f"Bars: served >= {SERVED_RATIO_BAR} x in-process for /image and /combined, zero errors, "
-        f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n",
-        encoding="utf-8")
-    print(f"\n{setup}\n\n{table}\n\n{verdict}\nreport: {report}")
+        f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n")
+    print(f"\n{setup}\n\n{table}\n\n{verdict}")
     if failures:
         raise SystemExit(1)
 

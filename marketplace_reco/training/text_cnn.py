@@ -192,7 +192,8 @@ def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainCo
                 "temperature": temperature,
                 "fitted_on": "validation texts",
                 "validation_ece_before": expected_calibration_error(val_labels, np.exp(val_scores)),
-                "validation_ece_after": expected_calibration_error(val_labels, softmax(val_scores / temperature, axis=1)),
+                "validation_ece_after": expected_calibration_error(val_labels,
+                                                                   softmax(val_scores / temperature, axis=1)),
             },
         },
     )

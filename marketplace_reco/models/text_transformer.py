@@ -21,7 +21,6 @@ folder; a model rebuilt from a checkpoint gets its tokenizer from the checkpoint
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,12 +154,6 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
             self.tokenizer = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{target}: not a readable tokenizer ({exc})") from exc
-
-    def copy_tokenizer_from(self, other: TextTransformerClassifier) -> None:
-        """Use ``other``'s tokenizer (a copy of a trained model built from its config has none of its own)."""
-        with tempfile.TemporaryDirectory(prefix="marketplace-reco-tokenizer-") as tmp:
-            other._save_extra_files(Path(tmp))
-            self._load_extra_files(Path(tmp))
 
     def _checked_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

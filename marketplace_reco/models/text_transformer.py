@@ -181,6 +181,8 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         """Word-piece ids of raw texts with the encoder's special tokens, head + tail truncated to ``max_length``,
         and how many known word pieces each text has."""
         tokenizer = self._checked_tokenizer()
+        if not texts:  # the tokenizer itself fails on an empty list
+            return EncodedTexts(ids=[], known=np.zeros(0, dtype=np.int64))
         # verbose=False: texts longer than the encoder's limit are expected here; they are truncated below.
         encoded = tokenizer(list(texts), truncation=False, verbose=False, return_special_tokens_mask=True)
         unknown_or_special = set(tokenizer.all_special_ids)

@@ -242,6 +242,7 @@ def warmup_linear_adamw(model: nn.Module, *, learning_rate: float, weight_decay:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        # The peak is the warm-up's last step; the decay reaches 0 at the last of ``total_steps``.
+        return max(0.0, (total_steps - 1 - step) / max(1, total_steps - warmup_steps))
 
     return optimizer, LambdaLR(optimizer, factor)

@@ -342,8 +342,11 @@ def _script_args(sample_data: dict[str, str], encoder: Path) -> list[str]:
             "--head-length", "24", "--feature-dim", "8", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"]
 
 
-def test_script_trains_on_the_sample(sample_data: dict[str, str], sample_encoder: Path, tmp_path: Path) -> None:
-    completed = _run(_script_args(sample_data, sample_encoder), tmp_path)
+def test_scripts_train_it_then_a_fusion_with_it_on_the_sample(sample_data: dict[str, str], sample_encoder: Path,
+                                                               tmp_path: Path) -> None:
+    # Validation products: at least two per class, so that the fusion's late head can cross-validate its L2.
+    split = ["--val-fraction", "0.25"]
+    completed = _run([*_script_args(sample_data, sample_encoder), *split], tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     folder = tmp_path / "text-transformer"
     for name in ("config.json", "model.safetensors", "README.md", "confusion_matrix.png", "training_curves.png",
@@ -354,6 +357,19 @@ def test_script_trains_on_the_sample(sample_data: dict[str, str], sample_encoder
     assert model.config["temperature"] == model.metrics["calibration"]["temperature"]
     assert 0.0 <= model.metrics["accuracy"] <= 1.0 and len(model.metrics["per_class"]) == 13
     assert "| accuracy |" in (folder / "README.md").read_text()
+
+    data = ["--db-url", sample_data["db_url"], "--images", sample_data["image_location"], *split]
+    image = _run([str(REPO_ROOT / "scripts" / "train_image.py"), *data, "--no-pretrained", "--backbone", "test_resnet",
+                  "--image-size", "32", "--epochs", "1", "--batch-size", "16"], tmp_path)
+    assert image.returncode == 0, image.stderr[-3000:]
+    combined = _run([str(REPO_ROOT / "scripts" / "train_combined.py"), *data, "--text-model", "text-transformer"],
+                    tmp_path)
+    assert combined.returncode == 0, combined.stderr[-3000:]
+    fused = load_model(str(tmp_path / "fusion"))
+    assert isinstance(fused.text_branch, TextTransformerClassifier)
+    assert fused.config["text_model"]["name"] == "text-transformer"
+    texts = ["Oak wardrobe", "drill"]
+    np.testing.assert_allclose(fused.predict_proba(texts=texts), model.predict_proba(texts=texts), atol=1e-6)
 
 
 def test_script_runs_unchanged_under_torchrun(sample_data: dict[str, str], sample_encoder: Path,

@@ -27,7 +27,7 @@ from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.models import CheckpointError, load_model, pull_checkpoint
 from marketplace_reco.models.fusion import FusionClassifier
 from marketplace_reco.models.image_classifier import ImageClassifier
-from marketplace_reco.models.text_transformer import TextTransformerClassifier
+from marketplace_reco.models.text_transformer import PretrainedEncoderError, TextTransformerClassifier
 from marketplace_reco.serving import Predictor, ServingSettings, create_app
 from marketplace_reco.training import fusion
 from marketplace_reco.training.text_transformer import TextTransformerTrainConfig, train
@@ -116,6 +116,11 @@ def test_trainable_layers_fine_tunes_only_the_last_ones(encoder: Path) -> None:
     assert any(key.startswith("encoder.encoder.layer.1.") for key in changed)
 
 
+def test_an_unreachable_encoder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PretrainedEncoderError, match=r"cannot load the pretrained encoder '.*nowhere'.*setup_hf_cache"):
+        TextTransformerClassifier(CLASSES, encoder=str(tmp_path / "nowhere"))
+
+
 # ---- raw text ---------------------------------------------------------------------------------------
 def test_empty_and_unknown_texts_get_a_row_and_count_no_known_word_piece(trained: TextTransformerClassifier) -> None:
     proba = trained.predict_proba(texts=TEXTS)
@@ -163,7 +168,7 @@ def test_checkpoint_predicts_identically_in_a_fresh_process_without_network(trai
     # The pretrained encoder's folder is gone and the hub unreachable: the checkpoint alone must do.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     completed = subprocess.run([sys.executable, "-c", script, str(folder), json.dumps(TEXTS)], capture_output=True,
-                               text=True, env=env, timeout=300)
+                               text=True, env=env, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     fresh = json.loads(completed.stdout.strip().splitlines()[-1])
     assert fresh["type"] == "TextTransformerClassifier"
@@ -333,7 +338,7 @@ def _run(args: list[str], checkpoints: Path, launcher: list[str] | None = None) 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MARKETPLACE_CHECKPOINTS": str(checkpoints),
            "OMP_NUM_THREADS": "1"}
     return subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, check=False)
 
 
 def _script_args(sample_data: dict[str, str], encoder: Path) -> list[str]:

@@ -45,6 +45,10 @@ TOKENIZER_FOLDER = "tokenizer"
 _PREDICT_BATCH = 64
 
 
+class PretrainedEncoderError(CheckpointError):
+    """The pretrained encoder or its tokenizer cannot be loaded by the name or folder given."""
+
+
 @dataclass(frozen=True)
 class EncodedTexts:
     """Word-piece ids of texts, each truncated to ``max_length`` with its special tokens, not padded."""
@@ -71,6 +75,18 @@ def _encoder_config_dict(config: Any) -> dict[str, Any]:
     for key in ("transformers_version", "_name_or_path", "architectures", "id2label", "label2id"):
         values.pop(key, None)
     return values
+
+
+def _pretrained(encoder: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A pretrained encoder (float32) and its tokenizer by Hugging Face hub id or folder; a clear error otherwise."""
+    try:
+        return AutoModel.from_pretrained(encoder, dtype=torch.float32), AutoTokenizer.from_pretrained(encoder)
+    except (OSError, ValueError) as exc:
+        raise PretrainedEncoderError(
+            f"cannot load the pretrained encoder {encoder!r} ({type(exc).__name__}: {exc}). Pass a Hugging Face hub "
+            "id the machine can reach, or a folder holding the encoder and its tokenizer (save_pretrained); offline, "
+            "eval \"$(bash ../shared/pretrained/setup_hf_cache.sh)\" lays out the default one in the hub cache"
+        ) from exc
 
 
 @register_model("text-transformer")
@@ -111,9 +127,7 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         self.pooling = pooling
         self.tokenizer: PreTrainedTokenizerBase | None = None
         if encoder_config is None:
-            # A new model: the pretrained encoder and its tokenizer, by hub id or folder.
-            self.encoder = AutoModel.from_pretrained(encoder, dtype=torch.float32)
-            self.tokenizer = AutoTokenizer.from_pretrained(encoder)
+            self.encoder, self.tokenizer = _pretrained(encoder)
             encoder_config = _encoder_config_dict(self.encoder.config)
         else:
             values = dict(encoder_config)

@@ -165,7 +165,7 @@ def test_checkpoint_predicts_identically_in_a_fresh_process_without_network(trai
               "m = load_model(sys.argv[1]); texts = json.loads(sys.argv[2]); "
               "print(json.dumps({'proba': m.predict_proba(texts=texts).tolist(), "
               "'known': m.known_token_counts(texts).tolist(), 'type': type(m).__name__}))")
-    # The pretrained encoder's folder is gone and the hub unreachable: the checkpoint alone must do.
+    # The hub is unreachable: the encoder is built from config.json and the tokenizer read from the checkpoint.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     completed = subprocess.run([sys.executable, "-c", script, str(folder), json.dumps(TEXTS)], capture_output=True,
                                text=True, env=env, timeout=300, check=False)

@@ -7,10 +7,12 @@
    included) in batches of ``--max-batch-size``, as fast as it can, while the server idles;
 2. over HTTP: many concurrent clients send the server one listing per request.
 Prints a table, writes ``reports/bench_serving.md`` and exits with 1 unless the bars hold: served throughput
-at least 0.8 of in-process for /image and /combined, no errors, /text p50 under 20 ms.
+at least 0.8 of in-process for /image and /combined, no errors, /text p50 under 20 ms (30 ms for a text
+transformer, a network some hundred times larger than the text CNN).
 
     python scripts/bench_serving.py                       # checkpoints image-classifier, text-cnn, fusion
     python scripts/bench_serving.py --requests 2000 --concurrency 64
+    python scripts/bench_serving.py --text-model text-transformer    # /text latency of the transformer
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve.py"
 MIN_REQUESTS = 1000
 SERVED_RATIO_BAR = 0.8
 TEXT_P50_BAR_MS = 20.0
+#: The /text p50 bar of model types that are not held to the default one.
+TEXT_P50_BAR_MS_BY_TYPE = {"text-transformer": 30.0}
 _READY_TIMEOUT_S = 600
 _IN_PROCESS_MIN_S = 2.0
 _IN_PROCESS_MIN_BATCHES = 3
@@ -58,6 +62,8 @@ class Run:
 
     endpoint: str
     concurrency: int
+    #: The model type behind the endpoint (it sets the /text latency bar).
+    model_type: str = ""
     in_process_rates: list[float] = field(default_factory=list)
     served_seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
@@ -74,6 +80,10 @@ class Run:
     @property
     def in_process_per_s(self) -> float:
         return float(np.mean(self.in_process_rates))
+
+    @property
+    def p50_bar_ms(self) -> float:
+        return TEXT_P50_BAR_MS_BY_TYPE.get(self.model_type, TEXT_P50_BAR_MS)
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -293,8 +303,8 @@ def _bar_failures(runs: list[Run]) -> list[str]:
         if run.endpoint in ("image", "combined") and run.ratio < SERVED_RATIO_BAR:
             failures.append(f"/{run.endpoint}: served throughput is {run.ratio:.2f} of in-process "
                             f"(bar {SERVED_RATIO_BAR})")
-        if run.endpoint == "text" and run.percentile(50) >= TEXT_P50_BAR_MS:
-            failures.append(f"/text: p50 {run.percentile(50):.1f} ms (bar {TEXT_P50_BAR_MS:.0f} ms)")
+        if run.endpoint == "text" and run.percentile(50) >= run.p50_bar_ms:
+            failures.append(f"/text: p50 {run.percentile(50):.1f} ms (bar {run.p50_bar_ms:.0f} ms)")
     return failures
 
 
@@ -315,7 +325,8 @@ def main() -> None:
         for endpoint, name in models.items():
             predictor = Predictor.from_pretrained(name)
             requests = _encoded_requests(endpoint, listings, port)
-            run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency)
+            run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency,
+                      model_type=predictor.model.model_type)
             # Rounds alternate in process (the server idles) and served, so that both meet the same load from
             # whatever else runs on the machine.
             for round_requests in np.array_split(np.arange(args.requests), args.rounds):
@@ -341,7 +352,8 @@ def main() -> None:
         "listing per request over HTTP from a separate server process, clients on the same machine. The two "
         f"alternate in {args.rounds} rounds per endpoint, so both meet the same load from other processes.\n\n"
         f"Bars: served >= {SERVED_RATIO_BAR} x in-process for /image and /combined, zero errors, "
-        f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n")
+        f"/text p50 < {next((r.p50_bar_ms for r in runs if r.endpoint == 'text'), TEXT_P50_BAR_MS):.0f} ms. "
+        f"Result: {verdict}.\n")
     print(f"\n{setup}\n\n{table}\n\n{verdict}")
     if failures:
         raise SystemExit(1)

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-backbone", default="tf_efficientnet_lite0.in1k",
                         help="timm backbone with a pretrained tag (default: %(default)s; the offline cache of "
                              "../shared/pretrained provides it here)")
+    parser.add_argument("--image-augmented-views", type=int,
+                        default=image_classifier.ImageTrainConfig.augmented_views,
+                        help="cached augmented views per training photo (default: the package's, %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
                         help="report (default: <reports folder>/bench_models.md); the journal is beside it (.jsonl)")
     parser.add_argument("--resume", action="store_true",
@@ -118,7 +121,8 @@ class _Branches:
         torch.manual_seed(self.args.seed)
         model = ImageClassifier(self.splits["train"].classes, backbone=self.args.image_backbone, pretrained=True)
         _, self.seconds["image"] = _timed(image_classifier.train, model, self.splits,
-                                          image_classifier.ImageTrainConfig(seed=self.args.seed),
+                                          image_classifier.ImageTrainConfig(
+                                              seed=self.args.seed, augmented_views=self.args.image_augmented_views),
                                           cache=self.trunk_outputs)
         return self._keep(model, "image")
 
@@ -169,7 +173,8 @@ def _report_body(results: dict[str, dict[int, dict[str, float]]], args: argparse
                      " ".join(f"{r['accuracy']:.4f}" for r in runs), str(int(runs[0]["products"]))])
     lines = [
         f"Data: {source}; split by product {SPLIT} (stratified), seeds {' '.join(map(str, seeds))}; image backbone "
-        f"`{args.image_backbone}` (pretrained). Accuracy, macro-F1 and ECE per held-out test product, mean ± "
+        f"`{args.image_backbone}` (pretrained), {args.image_augmented_views} cached augmented views per training "
+        "photo. Accuracy, macro-F1 and ECE per held-out test product, mean ± "
         "standard deviation over the seeds; `products` is the first seed's number of scored test products.",
         "",
         markdown_table(["model", "accuracy", "macro-F1", "ECE", "train s", "accuracy per seed", "products"], rows),
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         marketplace, source = load_export(args)
         journal = ResultJournal(report.path.with_suffix(".jsonl"),
-                                {"data": source, "fractions": list(SPLIT), "image_backbone": args.image_backbone},
+                                {"data": source, "fractions": list(SPLIT), "image_backbone": args.image_backbone,
+                                 "image_augmented_views": args.image_augmented_views},
                                 args.resume)
         with FeatureCache() as trunk_outputs:
             for seed in args.seeds:

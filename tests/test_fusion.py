@@ -180,6 +180,21 @@ def test_the_late_head_is_fitted_on_validation_products(splits: dict[str, Market
     assert metrics["n_samples"] == len(splits["test"].products) and metrics["with_photos"]["n_samples"] > 0
 
 
+def test_the_late_head_fits_when_a_class_has_one_validation_product(splits: dict[str, Marketplace],
+                                                                     branch_folders: dict[str, Path]) -> None:
+    val = splits["val"]
+    with_photos = val.products[val.products["image_ids"].map(len) > 0]
+    rare = with_photos["label"].value_counts().index[0]
+    kept = with_photos[with_photos["label"] != rare]["product_id"].tolist()
+    kept.append(with_photos[with_photos["label"] == rare]["product_id"].iloc[0])
+    model = _fusion(branch_folders)
+    late = train(model, {**splits, "val": val.subset(kept)}, FusionTrainConfig(late_l2=[0.01, 1.0])
+                 ).metrics["late_head"]
+    # No fold can hold out the rare class's only product: no cross-validation, the strongest L2.
+    assert late["l2"] == 1.0 and all(np.isnan(v) for v in late["cross_validated_nll_by_l2"].values())
+    assert np.isfinite(model.predict_proba(texts=["a sofa"])).all()
+
+
 @pytest.mark.parametrize("head", ["late", "concat"])
 def test_several_photos_one_photo_or_no_text_each_get_an_answer(splits: dict[str, Marketplace],
                                                                  branch_folders: dict[str, Path], head: str) -> None:

@@ -24,18 +24,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
 from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 POOLINGS = ("mean", "cls")
@@ -79,6 +81,7 @@ def _encoder_config_dict(config: Any) -> dict[str, Any]:
 
 def _pretrained(encoder: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A pretrained encoder (float32) and its tokenizer by Hugging Face hub id or folder; a clear error otherwise."""
+    from transformers import AutoModel, AutoTokenizer  # imported when used: a second and a half at startup
     try:
         return AutoModel.from_pretrained(encoder, dtype=torch.float32), AutoTokenizer.from_pretrained(encoder)
     except (OSError, ValueError) as exc:
@@ -135,6 +138,8 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
             if not model_type:
                 raise ModelConfigError("encoder_config needs the encoder's 'model_type' (e.g. 'bert')")
             # Weights come from the checkpoint (or the model being copied), never from a download.
+            from transformers import AutoConfig, AutoModel
+
             self.encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **values)).float()
         if getattr(self.encoder, "pooler", None) is not None:
             # BERT's pooler (a dense layer over [CLS]) is unused by the pooling here: dropped, so no weight is
@@ -165,6 +170,8 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         if not target.is_dir():
             raise CheckpointError(f"{target}: missing; a text-transformer checkpoint needs its tokenizer's files")
         try:
+            from transformers import AutoTokenizer
+
             self.tokenizer = AutoTokenizer.from_pretrained(str(target), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{target}: not a readable tokenizer ({exc})") from exc

@@ -169,11 +169,13 @@ def fit_late_head(model: FusionClassifier, val: Marketplace, config: FusionTrain
     image_np, text_np, labels_np = branch_log_proba(model, val)
     image_log, text_log = torch.as_tensor(image_np), torch.as_tensor(text_np)
     labels = torch.as_tensor(labels_np.copy())
-    folds = StratifiedKFold(n_splits=min(_LATE_FOLDS, int(np.bincount(labels_np).min())), shuffle=True,
-                            random_state=config.seed) if len(set(labels_np)) > 1 else None
+    # As many folds as the rarest class present allows: a class with one validation product leaves no fold to
+    # score on, and the strongest L2 is taken instead.
+    n_folds = min(_LATE_FOLDS, int(np.unique(labels_np, return_counts=True)[1].min()))
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=config.seed) if n_folds >= 2 else None
     cross_validated: dict[str, float] = {}
     for l2 in config.late_l2:
-        if folds is None or folds.n_splits < 2:
+        if folds is None:
             cross_validated[str(l2)] = float("nan")
             continue
         losses = []

@@ -59,7 +59,7 @@ class ImageTrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = field(default=0.1, metadata={"help": "share of each target spread over the other classes"})
     patience: int = 3
-    augmented_views: int = field(default=2, metadata={
+    augmented_views: int = field(default=0, metadata={
         "help": "augmented views (random resized crop, flip, colour jitter) of each training photo, run through the "
                 "frozen trunk once and cached; each epoch trains on one of them or the plain photo, drawn at random "
                 "per photo (0: the plain photo only)"})

@@ -298,7 +298,7 @@ class ModelPool:
             return self._served[name]
         if name in self.status:
             raise ModelNotReadyError(f"model {name!r} is not ready: {self.status[name]}")
-        served = ", ".join(repr(known) for known in self.status) or "none"
+        served = ", ".join(repr(known) for known in self.status if known != self.index_status_key) or "none"
         raise NoModelError(f"no model {name!r} on this server; it serves: {served}")
 
     async def predict(self, endpoint: str, images: Sequence[ImageUpload], texts: Sequence[str], *, batch: bool,

@@ -222,3 +222,19 @@ def test_similar_on_a_pgvector_index_filters_in_sql(pgvector_url: str, checkpoin
                                                    "category": root, "max_price": 500}).json()["results"]
             assert filtered and all(item["category"].startswith(root) and item["price"] <= 500 for item in filtered)
             error_message(http.post("/similar", json={"listing_id": "gone"}), 404, "unknown_listing")
+
+
+def test_a_similar_model_named_apart_from_the_index_is_checked_by_revision(checkpoints: Path,
+                                                                          sample: dict[str, str]) -> None:
+    # Built from the checkpoint's folder, served under its bare name: the same content, so the same revision.
+    build_index(load_model(str(checkpoints / TEXT_MODEL)), **sample, target=str(checkpoints / "path-index"),
+                progress=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MARKETPLACE_CHECKPOINTS", str(checkpoints))
+        settings = ServingSettings(text_model=TEXT_MODEL, index="path-index", similar_model=TEXT_MODEL,
+                                   db_url=sample["db_url"], torch_threads=1)
+        with LoopbackServer(create_app(settings)) as running, httpx.Client(base_url=running.url) as http:
+            running.wait_ready()
+            answer = http.post("/similar", json={"text": "oak table", "k": 3})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == TEXT_MODEL and len(answer.json()["results"]) == 3

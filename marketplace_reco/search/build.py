@@ -228,7 +228,7 @@ def build_index(model: str | CheckpointMixin, *, db_url: str | None = None, imag
         if isinstance(index, FaissListingIndex):
             index.save_pretrained(index_folder(target))  # type: ignore[arg-type]
     finally:
-        if backend != "pgvector":
+        if backend != "pgvector":  # a pgvector index keeps using the engine: it lives in that database
             engine.dispose()
     report.seconds = time.perf_counter() - started
     return index, report

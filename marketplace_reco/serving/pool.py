@@ -256,8 +256,19 @@ class ModelPool:
     def similar_model(self) -> str:
         """The served model that embeds /similar queries: ``similar_model``, or the index's model."""
         if self.index is None:
-            raise NoModelError("this server has no listing index behind /similar (set MARKETPLACE_INDEX)")
+            if self.index_status_key is None:
+                raise NoModelError("this server has no listing index behind /similar (set MARKETPLACE_INDEX)")
+            raise ModelNotReadyError(f"the listing index {self.index_name!r} is not ready: "
+                                     f"{self.status[self.index_status_key]}")
         return self._settings.similar_model or self.index.embedding.model_name
+
+    def check_similar_model(self, predictor: Predictor) -> None:
+        """``ModelMismatchError`` unless ``predictor`` is the model revision that built the index. A model served
+        under the index's own name must match name and revision; one named by ``similar_model`` (e.g. the same
+        checkpoint served under another name) must match the revision, which identifies a checkpoint's content."""
+        assert self.index is not None
+        name = self.index.embedding.model_name if self._settings.similar_model else predictor.name
+        self.index.check_model(name, predictor.revision)
 
     async def run_search(self, function: Callable[[], T]) -> T:
         """Run a blocking index or database call off the event loop, within the request deadline."""

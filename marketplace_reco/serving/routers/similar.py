@@ -2,8 +2,9 @@
 ``POST /embed`` (a listing's vector).
 
 The index (``MARKETPLACE_INDEX``) was built by one model at one revision; queries are embedded by the served model
-of that name (``MARKETPLACE_SIMILAR_MODEL`` to name another), and a served revision other than the index's is
-refused with 409 ``index_model_mismatch``: vectors of two revisions are not comparable.
+of that name (``MARKETPLACE_SIMILAR_MODEL`` names another, e.g. the same checkpoint served under another name), and
+a served revision other than the index's is refused with 409 ``index_model_mismatch``: vectors of two revisions are
+not comparable.
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def _filters(query: SimilarRequest) -> SearchFilters | None:
 @router.post("/similar", response_model=SimilarResponse, summary="Listings similar to a listing, photos or a text",
              openapi_extra=_BODY)
 async def similar(inputs: Annotated[SimilarInputs, Depends(similar_inputs)], pool: PoolDep) -> SimilarResponse:
+    name = pool.similar_model()  # 404 without an index, 503 while it loads
     index = pool.index
-    name = pool.similar_model()  # 404 without an index
     assert index is not None
     predictor = pool.predictor(name)
     try:
-        index.check_model(name, predictor.revision)
+        pool.check_similar_model(predictor)
     except ModelMismatchError as exc:
         raise IndexModelMismatchError(str(exc)) from None
     query = inputs.query

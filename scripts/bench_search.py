@@ -508,9 +508,10 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
             say("same-listing recall")
             recall = same_listing_recall(photo_ids, owners, photo_vectors)
             sections += ["### Same-listing recall (image index of photos)",
-                         "A photo as the query over the exact index of every photo (itself left out); the answers "
-                         "are the other photos of its listing (listings with >= 2 photos). recall@k: share of queries "
-                         "with one of them in the top k; MRR: mean of 1 / rank of the first one within the top 10.",
+                         ("A photo as the query over the exact index of every photo (itself left out); the answers "
+                          "are the other photos of its listing (listings with >= 2 photos). recall@k: share of "
+                          "queries with one of them in the top k; MRR: mean of 1 / rank of the first one within the "
+                          "top 10."),
                          table(["queries", "recall@1", "recall@10", "MRR@10"], [recall])]
         if args.text_model:
             text_model = load_model(args.text_model)
@@ -554,8 +555,8 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
         precision_rows = [[kind, *category_precision(vectors, roots, kind, "image+text" if kind == "fusion" else kind)]
                           for kind, vectors in embedded.items()]
         sections += ["### Category precision@10 (listing -> listings)",
-                     "Each labelled listing's 10 nearest listings in the exact index of its kind (itself left out): "
-                     "the share with its root category.",
+                     ("Each labelled listing's 10 nearest listings in the exact index of its kind (itself left "
+                      "out): the share with its root category."),
                      table(["vectors", "listings", "precision@10"], precision_rows)]
         # Latency: the model that serves queries, over its real vectors padded with synthetic ones.
         kind = "text" if text_model is not None else "image" if image_model is not None else "fusion"
@@ -577,12 +578,12 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
             queries += [{"text": text, "k": K} for text in texts if text.strip()]
         http_rows = http_latencies(served, index, db_url, queries, "combined" if kind == "fusion" else kind)
         sections += [f"### Query latency, {kind} index of {len(index):,} listings",
-                     f"{len(embedded[kind].ids):,} real listings' vectors padded with synthetic clustered vectors of "
-                     f"the same dimension ({spec.dim}) up to {len(index):,}; k = {K}. In process: "
-                     f"`FaissListingIndex.search`, one FAISS thread, {len(real)} queries: "
-                     f"**p50 {p50:.2f} ms, p99 {p99:.2f} ms**. Over HTTP (`POST /similar`, uvicorn on loopback, one "
-                     "request at a time, JSON, answers with the listings' details read from the database; a text "
-                     "query is embedded by the served model first):",
+                     (f"{len(embedded[kind].ids):,} real listings' vectors padded with synthetic clustered vectors of "
+                      f"the same dimension ({spec.dim}) up to {len(index):,}; k = {K}. In process: "
+                      f"`FaissListingIndex.search`, one FAISS thread, {len(real)} queries: "
+                      f"**p50 {p50:.2f} ms, p99 {p99:.2f} ms**. Over HTTP (`POST /similar`, uvicorn on loopback, one "
+                      "request at a time, JSON, answers with the listings' details read from the database; a text "
+                      "query is embedded by the served model first):"),
                      table(["query", "requests", "p50 ms", "p99 ms"], http_rows),
                      "### Build time", table(["what", "items", "seconds"], build_rows)]
         return ["## 4. Retrieval quality on real listings", f"Data: {where}: {len(catalogue):,} listings. Models: "

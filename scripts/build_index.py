@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", default=None,
                         help=f"faiss: index name (under the checkpoints folder) or folder; pgvector: table name "
                              f"(default {DEFAULT_NAME})")
-    parser.add_argument("--kind", default=None, help="faiss: auto (default), exact or hnsw; pgvector: hnsw "
-                                                     "(default) or exact")
+    parser.add_argument("--kind", default=None,
+                        help="faiss: auto (default), exact or hnsw; pgvector: hnsw or exact (default: a new index "
+                             "is loaded exact, then its HNSW graph is built once)")
     parser.add_argument("--rebuild", action="store_true", help="start a new index, replacing any at --index")
     parser.add_argument("--refresh-ids", type=Path, default=None,
                         help="a file of listing ids (one a line) whose text or photos changed: re-embedded")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             all_without = [listing_id for _, _, shard_without in shards for listing_id in shard_without]
             if args.backend == "faiss":
                 write_vectors(index, all_ids, np.concatenate([shard_vectors for _, shard_vectors, _ in shards]))
-            report = finish_update(index, plan, all_ids, all_without)
+            report = finish_update(index, plan, all_ids, all_without,
+                                   build_hnsw=args.backend == "pgvector" and args.kind is None)
             report.seconds = time.perf_counter() - started
             where = f"table {getattr(index, 'name', args.index)}"
             if isinstance(index, FaissListingIndex):

@@ -177,6 +177,7 @@ def test_build_a_pgvector_fusion_index_beside_the_products(pgvector_url: str, tm
     assert isinstance(index, PgvectorListingIndex) and report.added == len(index) == 39
     reopened = load_index("pgvector:listing_embeddings", db_url=pgvector_url)
     assert reopened.embedding == index.embedding and reopened.embedding.encodes == "image+text"
+    assert reopened.kind == "hnsw"  # loaded exact, then the graph built once
     listing = sorted(reopened.listing_ids())[5]
     found = reopened.search(reopened.get_vectors([listing]), 5, exclude_ids=[[listing]])[0]
     assert len(found) == 5 and listing not in {n.listing_id for n in found}
@@ -221,3 +222,20 @@ def test_build_index_under_torchrun_merges_the_ranks_shards_then_search_prints_n
     unknown = _run(["scripts/search.py", "--index", "text-index", "--db-url", sample_copy["db_url"],
                     "--listing-id", "no-such-listing"], checkpoints)
     assert unknown.returncode != 0 and "no-such-listing" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_build_index_under_torchrun_each_rank_writes_its_pgvector_rows(embedding_checkpoints: Path,
+                                                                       pgvector_url: str, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    make_sample_marketplace(pgvector_url, images, n_products=26, seed=3, progress=False)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    built = _run(["scripts/build_index.py", "--model", TEXT_MODEL, "--backend", "pgvector", "--db-url", pgvector_url,
+                  "--images", str(images)], embedding_checkpoints, torchrun)
+    assert built.returncode == 0, built.stderr
+    assert "26 added" in built.stdout
+    index = load_index("pgvector:listing_embeddings", db_url=pgvector_url)
+    assert len(index) == 26 and index.embedding.model_name == TEXT_MODEL and index.kind == "hnsw"
+    catalogue = read_catalogue(open_engine(pgvector_url))
+    np.testing.assert_allclose(index.get_vectors(catalogue["listing_id"].tolist()),
+                               load_model(str(embedding_checkpoints / TEXT_MODEL)).embed(texts=catalogue["text"].tolist()),
+                               atol=1e-5)

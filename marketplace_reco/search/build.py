@@ -154,13 +154,16 @@ def write_vectors(index: ListingIndex, ids: Sequence[str], vectors: np.ndarray) 
 
 
 def finish_update(index: ListingIndex, plan: UpdatePlan, written_ids: Sequence[str],
-                  without_vector: Sequence[str] = ()) -> UpdateReport:
+                  without_vector: Sequence[str] = (), *, build_hnsw: bool = False) -> UpdateReport:
     """After every shard is written: delete the plan's deletions, and listings of the index that now have no
-    vector; report what changed (once, on one rank)."""
+    vector; with ``build_hnsw``, build the HNSW graph of a pgvector index created exact for its first load (once,
+    faster than growing it row by row); report what changed (once, on one rank)."""
     refreshed = sum(listing_id in plan.indexed for listing_id in written_ids)
     to_delete = sorted(set(plan.delete) | (set(without_vector) & plan.indexed))
     if to_delete:
         index.delete(to_delete)
+    if build_hnsw and isinstance(index, PgvectorListingIndex) and index.kind == "exact":
+        index.build_hnsw()
     return UpdateReport(added=len(written_ids) - refreshed, refreshed=refreshed, deleted=len(to_delete),
                         unchanged=plan.unchanged, without_vector=list(without_vector))
 
@@ -191,7 +194,8 @@ def open_or_create_index(spec: EmbeddingSpec, *, backend: str = "faiss", target:
             else:
                 index.check_model(spec.model_name, spec.model_revision)
                 return index
-        return PgvectorListingIndex.create(engine, spec, name=name, kind=kind or "hnsw", replace=rebuild)
+        # Without a kind: exact for the first load, the HNSW graph built after it (finish_update's build_hnsw).
+        return PgvectorListingIndex.create(engine, spec, name=name, kind=kind or "exact", replace=rebuild)
     if target is None:
         raise IndexConfigError("the FAISS backend needs a target: an index name or folder to save it to")
     folder = index_folder(target)
@@ -224,7 +228,7 @@ def build_index(model: str | CheckpointMixin, *, db_url: str | None = None, imag
         ids, vectors, without_vector = embed_listings(model, catalogue, plan.embed, open_image_store(image_location),
                                                       batch_size=batch_size, progress=progress)
         write_vectors(index, ids, vectors)
-        report = finish_update(index, plan, ids, without_vector)
+        report = finish_update(index, plan, ids, without_vector, build_hnsw=backend == "pgvector" and kind is None)
         if isinstance(index, FaissListingIndex):
             index.save_pretrained(index_folder(target))  # type: ignore[arg-type]
     finally:

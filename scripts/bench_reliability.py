@@ -32,7 +32,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import re
 import secrets
 import socket
@@ -57,6 +56,7 @@ from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.serving import ServingSettings
 from marketplace_reco.settings import checkpoints_dir, reports_dir
+from marketplace_reco.training.benchmarks import BenchmarkReport, markdown_table
 
 SCRIPTS = Path(__file__).resolve().parent
 MODELS = ("image-classifier", "text-cnn", "fusion")
@@ -168,7 +168,8 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 @dataclass
@@ -500,48 +501,41 @@ def _report(args: argparse.Namespace, corpus: list[tuple[Case, int, str | None]]
          ratio <= RSS_RATIO_BAR),
     ]
     failures = [bar for bar, _, held in bars if not held]
-    lines = ["| bar | measured | held |", "| --- | --- | --- |"]
-    lines += [f"| {bar} | {measured} | {'yes' if held else '**no**'} |" for bar, measured, held in bars]
-    summary = "\n".join(lines)
+    summary = markdown_table(["bar", "measured", "held"],
+                             [[bar, measured, "yes" if held else "**no**"] for bar, measured, held in bars])
 
-    corpus_lines = ["| bad input | expected | got |", "| --- | --- | --- |"]
-    for case, status, code in corpus:
-        mark = "" if (status, code) == (case.status, case.code) else " **(miss)**"
-        corpus_lines.append(f"| {case.name} | {case.status} {case.code or '(not JSON)'} | "
-                            f"{status} {code or '(not JSON)'}{mark} |")
-    burst_lines = ["| request | answers |", "| --- | --- |"]
-    for what in dict.fromkeys(what for what, _, _ in _MIX):
-        answers = ", ".join(f"{n} x {status}" for (kind, status), n in sorted(burst.statuses.items()) if kind == what)
-        burst_lines.append(f"| {what} | {answers} |")
-    stall_lines = ["| stalled | connections | closed after (p50 / max) |", "| --- | --- | --- |"]
-    for kind, times in stalls.closed_after_s.items():
-        stall_lines.append(f"| {kind} | {len(times)} | {np.median(times):.2f} s / {max(times):.2f} s |"
-                           if times else f"| {kind} | 0 | - |")
+    corpus_table = markdown_table(["bad input", "expected", "got"], [
+        [case.name, f"{case.status} {case.code or '(not JSON)'}",
+         f"{status} {code or '(not JSON)'}" + ("" if (status, code) == (case.status, case.code) else " **(miss)**")]
+        for case, status, code in corpus])
+    burst_table = markdown_table(["request", "answers"], [
+        [what, ", ".join(f"{n} x {status}" for (kind, status), n in sorted(burst.statuses.items()) if kind == what)]
+        for what in dict.fromkeys(what for what, _, _ in _MIX)])
+    stall_table = markdown_table(["stalled", "connections", "closed after (p50 / max)"], [
+        [kind, len(times), f"{np.median(times):.2f} s / {max(times):.2f} s" if times else "-"]
+        for kind, times in stalls.closed_after_s.items()])
+    rss_table = markdown_table(["when", "RSS"], [[when, f"{mb:.0f} MB"] for when, mb in rss.items()])
     unexpected = sum(burst.unexpected.values())
     details = (
         f"## Bad-input corpus\n\n{len(corpus)} cases, {len(misses)} answered otherwise than expected.\n\n"
-        + "\n".join(corpus_lines)
+        + corpus_table
         + f"\n\n## Burst\n\n{sum(burst.statuses.values())} requests from {args.concurrency} clients in "
         f"{burst.seconds:.0f} s ({sum(burst.statuses.values()) / burst.seconds:.1f} req/s), p50 "
         f"{_ms(burst.latencies_s, 50)}, p99 {_ms(burst.latencies_s, 99)}; {unexpected} answers other than "
-        f"expected.\n\n" + "\n".join(burst_lines)
+        f"expected.\n\n" + burst_table
         + f"\n\n## Stalled connections\n\nHeader and body timeouts {args.stall_timeout_s:g} s; times from "
-        "connecting (mid-headers) or from the end of the headers (mid-body).\n\n" + "\n".join(stall_lines)
-        + "\n\n## Memory (server RSS)\n\n| when | RSS |\n| --- | --- |\n"
-        + "\n".join(f"| {when} | {mb:.0f} MB |" for when, mb in rss.items())
+        "connecting (mid-headers) or from the end of the headers (mid-body).\n\n" + stall_table
+        + "\n\n## Memory (server RSS)\n\n" + rss_table
     )
     verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
-    command = "python scripts/bench_reliability.py " + " ".join(sys.argv[1:])
-    report = (f"# Reliability benchmark\n\n`{command.strip()}`\n\n{setup}.\n\n{summary}\n\nResult: {verdict}.\n\n"
-              f"{details}\n")
-    return report, failures
+    return f"{setup}.\n\n{summary}\n\nResult: {verdict}.\n\n{details}\n", failures
 
 
 def main() -> None:
     args = _parser().parse_args()
     if args.stalled < 2 or args.requests < len(_MIX):
         raise SystemExit(f"--stalled must be at least 2 and --requests at least {len(_MIX)}")
-    load_before = os.getloadavg()[0]
+    report = BenchmarkReport("Reliability benchmark", args.report or reports_dir() / "bench_reliability.md")
     with tempfile.TemporaryDirectory(prefix="bench-reliability-") as work:
         workdir = Path(work)
         _ensure_models(args.checkpoints, workdir)
@@ -568,15 +562,11 @@ def main() -> None:
         finally:
             server.process.terminate()
             server.process.wait(timeout=60)
-    setup = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), server with default "
-             f"limits, {args.torch_threads} torch threads, an API key, header and body timeouts "
-             f"{args.stall_timeout_s:g} s; models {', '.join(MODELS)} from {args.checkpoints}; load average from "
-             f"other processes: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    report, failures = _report(args, corpus, alive, burst, stalls, rss, setup)
-    path = args.report or reports_dir() / "bench_reliability.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report, encoding="utf-8")
-    print(f"\n{report}\nreport: {path}")
+    setup = (f"Server with default limits, {args.torch_threads} torch threads, an API key, header and body timeouts "
+             f"{args.stall_timeout_s:g} s; models {', '.join(MODELS)} from {args.checkpoints}")
+    body, failures = _report(args, corpus, alive, burst, stalls, rss, setup)
+    print(f"\n{body}")
+    report.write(body)
     if failures:
         raise SystemExit(1)
 

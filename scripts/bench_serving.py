@@ -7,10 +7,12 @@
    included) in batches of ``--max-batch-size``, as fast as it can, while the server idles;
 2. over HTTP: many concurrent clients send the server one listing per request.
 Prints a table, writes ``reports/bench_serving.md`` and exits with 1 unless the bars hold: served throughput
-at least 0.8 of in-process for /image and /combined, no errors, /text p50 under 20 ms.
+at least 0.8 of in-process for /image and /combined, no errors, /text p50 under 20 ms (30 ms for a text
+transformer, a network some hundred times larger than the text CNN).
 
     python scripts/bench_serving.py                       # checkpoints image-classifier, text-cnn, fusion
     python scripts/bench_serving.py --requests 2000 --concurrency 64
+    python scripts/bench_serving.py --text-model text-transformer    # /text latency of the transformer
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -35,12 +36,15 @@ import torch
 from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.serving import Predictor, ServingSettings
 from marketplace_reco.settings import reports_dir
+from marketplace_reco.training.benchmarks import BenchmarkReport, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_SCRIPT = REPO_ROOT / "scripts" / "serve.py"
 MIN_REQUESTS = 1000
 SERVED_RATIO_BAR = 0.8
 TEXT_P50_BAR_MS = 20.0
+#: The /text p50 bar of model types that are not held to the default one.
+TEXT_P50_BAR_MS_BY_TYPE = {"text-transformer": 30.0}
 _READY_TIMEOUT_S = 600
 _IN_PROCESS_MIN_S = 2.0
 _IN_PROCESS_MIN_BATCHES = 3
@@ -58,6 +62,8 @@ class Run:
 
     endpoint: str
     concurrency: int
+    #: The model type behind the endpoint (it sets the /text latency bar).
+    model_type: str = ""
     in_process_rates: list[float] = field(default_factory=list)
     served_seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
@@ -74,6 +80,10 @@ class Run:
     @property
     def in_process_per_s(self) -> float:
         return float(np.mean(self.in_process_rates))
+
+    @property
+    def p50_bar_ms(self) -> float:
+        return TEXT_P50_BAR_MS_BY_TYPE.get(self.model_type, TEXT_P50_BAR_MS)
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -277,14 +287,12 @@ async def _drive(port: int, run: Run, requests: list[bytes], n_requests: int) ->
 
 
 def _table(runs: list[Run]) -> str:
-    header = ("| endpoint | requests | errors | clients | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) "
-              "| in-process (req/s) | served / in-process |")
-    lines = [header, "|" + "---|" * 10]
-    for run in runs:
-        lines.append(f"| /{run.endpoint} | {run.requests} | {run.errors} | {run.concurrency} | {run.throughput:.1f} "
-                     f"| {run.percentile(50):.1f} | {run.percentile(95):.1f} | {run.percentile(99):.1f} "
-                     f"| {run.in_process_per_s:.1f} | {run.ratio:.2f} |")
-    return "\n".join(lines)
+    header = ["endpoint", "requests", "errors", "clients", "throughput (req/s)", "p50 (ms)", "p95 (ms)", "p99 (ms)",
+              "in-process (req/s)", "served / in-process"]
+    return markdown_table(header, [
+        [f"/{run.endpoint}", run.requests, run.errors, run.concurrency, f"{run.throughput:.1f}",
+         f"{run.percentile(50):.1f}", f"{run.percentile(95):.1f}", f"{run.percentile(99):.1f}",
+         f"{run.in_process_per_s:.1f}", f"{run.ratio:.2f}"] for run in runs])
 
 
 def _bar_failures(runs: list[Run]) -> list[str]:
@@ -295,8 +303,8 @@ def _bar_failures(runs: list[Run]) -> list[str]:
         if run.endpoint in ("image", "combined") and run.ratio < SERVED_RATIO_BAR:
             failures.append(f"/{run.endpoint}: served throughput is {run.ratio:.2f} of in-process "
                             f"(bar {SERVED_RATIO_BAR})")
-        if run.endpoint == "text" and run.percentile(50) >= TEXT_P50_BAR_MS:
-            failures.append(f"/text: p50 {run.percentile(50):.1f} ms (bar {TEXT_P50_BAR_MS:.0f} ms)")
+        if run.endpoint == "text" and run.percentile(50) >= run.p50_bar_ms:
+            failures.append(f"/text: p50 {run.percentile(50):.1f} ms (bar {run.p50_bar_ms:.0f} ms)")
     return failures
 
 
@@ -309,7 +317,7 @@ def main() -> None:
     listings = _listings(args)
     models = {"image": args.image_model, "text": args.text_model, "combined": args.combined_model}
 
-    load_before = os.getloadavg()[0]
+    report = BenchmarkReport("Serving benchmark", args.report or reports_dir() / "bench_serving.md")
     port = _free_port()
     server = _start_server(args, port)
     runs = []
@@ -317,7 +325,8 @@ def main() -> None:
         for endpoint, name in models.items():
             predictor = Predictor.from_pretrained(name)
             requests = _encoded_requests(endpoint, listings, port)
-            run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency)
+            run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency,
+                      model_type=predictor.model.model_type)
             # Rounds alternate in process (the server idles) and served, so that both meet the same load from
             # whatever else runs on the machine.
             for round_requests in np.array_split(np.arange(args.requests), args.rounds):
@@ -334,23 +343,18 @@ def main() -> None:
     table = _table(runs)
     failures = _bar_failures(runs)
     verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
-    setup = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-             f"server {args.torch_threads} torch threads, max batch {args.max_batch_size}, "
-             f"max wait {args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items())
-             + f"; load average from other processes: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    report = args.report or reports_dir() / "bench_serving.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(
-        "# Serving benchmark\n\n"
-        f"`python scripts/bench_serving.py {' '.join(sys.argv[1:])}`\n\n{setup}.\n\n{table}\n\n"
+    setup = (f"Server {args.torch_threads} torch threads, max batch {args.max_batch_size}, max wait "
+             f"{args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items()))
+    report.write(
+        f"{setup}.\n\n{table}\n\n"
         "In-process: `Predictor.predict_batch` on encoded photos/texts (decoding included), batches of the "
         "server's max batch size, the better of the server's torch thread count and all cores. Served: one "
         "listing per request over HTTP from a separate server process, clients on the same machine. The two "
         f"alternate in {args.rounds} rounds per endpoint, so both meet the same load from other processes.\n\n"
         f"Bars: served >= {SERVED_RATIO_BAR} x in-process for /image and /combined, zero errors, "
-        f"/text p50 < {TEXT_P50_BAR_MS:.0f} ms. Result: {verdict}.\n",
-        encoding="utf-8")
-    print(f"\n{setup}\n\n{table}\n\n{verdict}\nreport: {report}")
+        f"/text p50 < {next((r.p50_bar_ms for r in runs if r.endpoint == 'text'), TEXT_P50_BAR_MS):.0f} ms. "
+        f"Result: {verdict}.\n")
+    print(f"\n{setup}\n\n{table}\n\n{verdict}")
     if failures:
         raise SystemExit(1)
 

@@ -1,8 +1,9 @@
-"""Benchmark the text models on the real listings: TF-IDF + linear SVM (reference) vs word2vec + text CNN.
+"""Benchmark the text models on the real listings: TF-IDF + linear SVM (reference) vs word2vec + text CNN vs a
+fine-tuned transformer.
 
 Every row is trained on the same product split per seed and evaluated on that split's held-out test
 products; the table gives mean ± standard deviation over the seeds of accuracy, macro-F1 and training
-time (word2vec + CNN for the CNN rows), printed and written to reports/bench_text.md. Each finished
+time (word2vec + CNN for the CNN rows, fine-tuning for the transformer), printed and written to reports/bench_text.md. Each finished
 (seed, model) result is also appended to a journal beside the report (bench_text.jsonl), so a long run that
 is stopped loses nothing: ``--resume`` reuses the journal's results and trains only what is missing.
 
@@ -11,6 +12,9 @@ Examples:
     python scripts/bench_text.py --seeds 0 --rows tfidf-svm cnn-frozen
     python scripts/bench_text.py --db-url sqlite:///data/real.db --images ../shared/marketplace/images
     python scripts/bench_text.py --seeds 0 1 2 3 4 5 --resume        # adds seeds 3-5 to an earlier run
+
+The text-transformer row loads its pretrained encoder by hub id (--encoder); offline, lay out the cache first:
+    eval "$(bash ../shared/pretrained/setup_hf_cache.sh)"
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.svm import LinearSVC
 
 from marketplace_reco.data import DataError, Marketplace, TextPreprocessor
-from marketplace_reco.models import TextCNN, Word2VecEmbedding
+from marketplace_reco.models import TextCNN, TextTransformerClassifier, Word2VecEmbedding
+from marketplace_reco.models.text_transformer import DEFAULT_ENCODER
 from marketplace_reco.settings import reports_dir
-from marketplace_reco.training import text_cnn, word2vec
+from marketplace_reco.training import text_cnn, text_transformer, word2vec
 from marketplace_reco.training.benchmarks import (
     BenchmarkReport,
     ResultJournal,
@@ -41,14 +46,14 @@ from marketplace_reco.training.benchmarks import (
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
 
-ROWS = ("tfidf-svm", "tfidf-svm-plain", "cnn-fine-tuned", "cnn-frozen")
+ROWS = ("tfidf-svm", "tfidf-svm-plain", "cnn-fine-tuned", "cnn-frozen", "text-transformer")
 TFIDF_ROWS = ("tfidf-svm", "tfidf-svm-plain")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train TF-IDF + LinearSVC and word2vec + text CNN (frozen and fine-tuned embedding) on the same "
-                    "product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
+        description="Train TF-IDF + LinearSVC, word2vec + text CNN (frozen and fine-tuned embedding) and a fine-tuned "
+                    "transformer on the same product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
     )
     add_export_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -64,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="CNN ensembles to score: the largest is trained, a smaller one is its first members "
                              "(exactly what --ensemble-size k trains), 1 is the mean of the members scored alone "
                              "(default: %(default)s)")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER,
+                        help="text-transformer row: pretrained encoder, Hugging Face hub id or folder (default: "
+                             "%(default)s)")
     parser.add_argument("--output", type=Path, default=None,
                         help="report file (default: <reports folder>/bench_text.md); its journal of results is "
                              "the same path with the suffix .jsonl")
@@ -99,6 +107,17 @@ def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbe
     text_cnn.train(model, splits, text_cnn.TextCNNTrainConfig(seed=seed))
     seconds = time.perf_counter() - started
     return model.predict_member_proba(splits["test"].products["text"].tolist()), seconds
+
+
+def _text_transformer(splits: dict[str, Marketplace], seed: int, encoder: str) -> tuple[np.ndarray, float]:
+    """The text transformer fine-tuned with the library's (and the training script's) defaults: its test
+    probabilities and the training seconds."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    model = TextTransformerClassifier(splits["train"].classes, encoder=encoder)
+    text_transformer.train(model, splits, text_transformer.TextTransformerTrainConfig(seed=seed))
+    seconds = time.perf_counter() - started
+    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds
 
 
 def _ensembles(labels: np.ndarray, member_scores: np.ndarray, sizes: list[int], classes: list[str],
@@ -150,6 +169,10 @@ def _report_body(results: dict[str, list[dict[str, float]]], args: argparse.Name
         f"- `k members`: the first k of the {max(args.ensemble_sizes)} trained members, exactly what "
         "`--ensemble-size k` trains; `1 member` is the mean of the members scored alone. `train s` is word2vec "
         "plus k members' share of the CNN time.",
+        (f"- `text-transformer`: {args.encoder} fine-tuned with scripts/train_text_transformer.py's defaults (256 "
+         "word pieces, head 192 + tail, batch 32, peak LR 1e-4 and 10x for the head, 10% warm-up then linear decay, "
+         "frozen word embeddings, label smoothing 0.1, bf16 autocast, at most 5 epochs, the best validation epoch "
+         "kept)."),
         *([f"- {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the "
            f"journal {journal.name} (`--resume`), their times from the run that made them."] if reused_runs else []),
     ])
@@ -165,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         marketplace, source = load_export(args)
         journal = ResultJournal(report.path.with_suffix(".jsonl"),
                                 {"data": source, "fractions": list(fractions),
-                                 "ensemble_sizes": sorted(args.ensemble_sizes), "label_interval": args.label_interval},
+                                 "ensemble_sizes": sorted(args.ensemble_sizes), "label_interval": args.label_interval,
+                                 # Only another encoder than the default's changes the setup (earlier journals stay
+                                 # valid).
+                                 **({"encoder": args.encoder} if args.encoder != DEFAULT_ENCODER else {})},
                                 args.resume)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -184,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             elif name in TFIDF_ROWS:
                 scores, seconds = _tfidf_svm(splits, seed, plain=name == "tfidf-svm-plain")
                 metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
+                scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
+            elif name == "text-transformer":
+                proba, seconds = _text_transformer(splits, seed, args.encoder)
+                metrics = evaluate(splits["test"].label_indices, proba, marketplace.classes)
                 scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows

@@ -1,4 +1,4 @@
-"""Calibration: the expected calibration error on hand-made predictions, and temperature scaling per row and per group."""
+"""Calibration: the expected calibration error on hand-made predictions, temperature scaling per row and per group."""
 
 from __future__ import annotations
 

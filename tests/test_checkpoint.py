@@ -239,7 +239,8 @@ def test_resave_rewrites_the_card(saved: Path) -> None:
 
 def test_an_edited_config_is_refused_even_when_it_still_fits(saved: Path) -> None:
     _edit_config(saved, classes=["bikes", "chairs", "lampshades"])  # same shapes: only the checksum can tell
-    with pytest.raises(CheckpointError, match=r"config\.json: does not match the sha256 recorded in model\.safetensors"):
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: does not match the sha256 recorded in model\.safetensors"):
         load_model(str(saved))
 
 

@@ -59,9 +59,10 @@ def _serving(**settings: object) -> Iterator[LoopbackServer]:
 def guarded(checkpoints: Path) -> Iterator[LoopbackServer]:
     """A server with small budgets and one-second connection timeouts; no warm-up, so 'overflowing' loads."""
     with _serving(image_model="image-classifier", text_model="text-cnn", combined_model="fusion",
-                  extra_models=["overflowing"], warmup=False, max_items_per_request=MAX_ITEMS, max_image_pixels=MAX_IMAGE_PIXELS,
-                  max_request_pixels=MAX_REQUEST_PIXELS, max_request_text_chars=MAX_TEXT_CHARS,
-                  header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S) as server:
+                  extra_models=["overflowing"], warmup=False, max_items_per_request=MAX_ITEMS,
+                  max_image_pixels=MAX_IMAGE_PIXELS, max_request_pixels=MAX_REQUEST_PIXELS,
+                  max_request_text_chars=MAX_TEXT_CHARS, header_timeout_s=HEADER_TIMEOUT_S,
+                  body_timeout_s=BODY_TIMEOUT_S) as server:
         yield server
 
 

@@ -23,7 +23,7 @@ from marketplace_reco.training.distributed import (
     unwrap_model,
     wrap_model,
 )
-from marketplace_reco.training.loop import fit
+from marketplace_reco.training.loop import fit, warmup_linear_adamw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +95,38 @@ def test_fit_steps_an_epoch_scheduler_and_plateau_scheduler_on_the_monitored_val
     assert [row["lr"] for row in result.history] == pytest.approx([1e-3, 1e-4, 1e-5])
 
 
+def test_accumulated_batches_step_like_one_batch_of_their_size() -> None:
+    def trained(batch_size: int, accumulation_steps: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        train = DataLoader(_blobs(64, 0), batch_size=batch_size)  # same order, no shuffle: comparable steps
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        fit(model, train, DataLoader(_blobs(32, 1), batch_size=32), epochs=2, optimizer=optimizer, patience=2,
+            accumulation_steps=accumulation_steps, max_grad_norm=100.0)
+        return model.state_dict()
+
+    whole, accumulated = trained(16, 1), trained(8, 2)
+    for key, value in whole.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_linear_adamw_warms_up_then_decays_to_zero() -> None:
+    model = nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    optimizer, scheduler = warmup_linear_adamw(model, learning_rate=1e-3, weight_decay=0.01, total_steps=10,
+                                               warmup_fraction=0.2, part_learning_rates=[(model[2], 1e-2)])
+    rates = []
+    for _ in range(10):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert [row[0] for row in rates] == pytest.approx([5e-4, 1e-3, 8.75e-4, 7.5e-4, 6.25e-4, 5e-4, 3.75e-4, 2.5e-4,
+                                                       1.25e-4, 0.0])
+    assert rates[1][-1] == pytest.approx(1e-2)  # the part's own peak
+    # Matrices decay, biases and norm weights do not.
+    assert [(len(group["params"]), group["weight_decay"]) for group in optimizer.param_groups] == [
+        (1, 0.01), (3, 0.0), (1, 0.01), (1, 0.0)]
+
+
 def test_fit_rejects_an_empty_validation_set_and_bad_settings() -> None:
     model = nn.Linear(2, 2)
     train, _ = _loaders()
@@ -144,7 +176,7 @@ _DDP_WORKER = textwrap.dedent(
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
     from marketplace_reco.training.distributed import init_distributed, shard_sampler, unwrap_model, wrap_model
-    from marketplace_reco.training.loop import fit
+    from marketplace_reco.training.loop import fit, warmup_linear_adamw
 
     context = init_distributed()
     torch.manual_seed(context.rank)  # different initial weights per rank: DDP must broadcast rank 0's

@@ -14,6 +14,7 @@ from .fusion import FusionClassifier
 from .hog_svm import HogSvmClassifier
 from .image_classifier import ImageClassifier, PretrainedWeightsError
 from .text_cnn import TextCNN
+from .text_transformer import TextTransformerClassifier
 from .word2vec import Word2VecEmbedding
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "PretrainedWeightsError",
     "ResolvedCheckpoint",
     "TextCNN",
+    "TextTransformerClassifier",
     "TorchCheckpointMixin",
     "UnknownModelTypeError",
     "Word2VecEmbedding",

@@ -22,6 +22,7 @@ taught it.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,11 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
                     **hyperparameters)
         model.image_branch.load_state_dict(image_model.state_dict(), strict=True)
         model.text_branch.load_state_dict(text_model.state_dict(), strict=True)  # type: ignore[attr-defined]
+        # A text model's files (a transformer's tokenizer) are not in its state dict: copied the way a checkpoint
+        # carries them.
+        with tempfile.TemporaryDirectory(prefix="marketplace-reco-branch-") as tmp:
+            text_model._save_extra_files(Path(tmp))
+            model.text_branch._load_extra_files(Path(tmp))
         return model
 
     def train(self, mode: bool = True) -> FusionClassifier:

@@ -6,10 +6,10 @@ torch loop they share, the run every training script goes through, held-out eval
     >>> evaluate_model(model, splits["test"])["accuracy"]
 """
 
-from . import fusion, hog_svm, image_classifier, text_cnn, word2vec
+from . import fusion, hog_svm, image_classifier, text_cnn, text_transformer, word2vec
 from .evaluation import evaluate_model
 from .feature_cache import FeatureCache
 from .runs import TrainResult, run_training
 
 __all__ = ["FeatureCache", "TrainResult", "evaluate_model", "fusion", "hog_svm", "image_classifier", "run_training",
-           "text_cnn", "word2vec"]
+           "text_cnn", "text_transformer", "word2vec"]

@@ -111,7 +111,7 @@ def image_chunks(store: ImageStore, image_ids: Sequence[str], *, desc: str | Non
             ids = list(image_ids[start:start + IMAGE_CHUNK])
             encoded = store.get_many(ids)
             # JPEG decoding releases the GIL, so threads use every core.
-            yield list(pool.map(lambda i: load_image(encoded[i], name=f"{i} from {store.location}"), ids))
+            yield list(pool.map(lambda i, chunk=encoded: load_image(chunk[i], name=f"{i} from {store.location}"), ids))
             progress.update(len(ids))
 
 

@@ -7,6 +7,7 @@ all ranks before any decision, so every rank stops at the same epoch and restore
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,8 +16,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from .. import _progress
 from ..models.errors import ModelConfigError
@@ -49,8 +51,16 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(inputs) if isinstance(inputs, torch.Tensor) else model(*inputs)
 
 
+def _autocast(context: DistributedContext, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision on the context's device when ``dtype`` is given (e.g. bfloat16), else nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=context.device.type, dtype=dtype)
+
+
 def _validate(
-    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, context: DistributedContext
+    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, context: DistributedContext,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
     """Mean loss and accuracy over the whole validation set (all ranks' shards together)."""
     model.eval()
@@ -58,7 +68,8 @@ def _validate(
     with torch.inference_mode():
         for inputs, targets in loader:
             targets = targets.to(context.device, non_blocking=True)
-            logits = _forward(model, _to_device(inputs, context.device))
+            with _autocast(context, autocast_dtype):
+                logits = _forward(model, _to_device(inputs, context.device)).float()
             loss_sum += float(loss_fn(logits, targets)) * len(targets)
             correct += float((logits.argmax(dim=1) == targets).sum())
             count += len(targets)
@@ -86,6 +97,9 @@ def fit(
     monitor: Monitor = "val_loss",
     context: DistributedContext | None = None,
     desc: str = "training",
+    accumulation_steps: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
 ) -> FitResult:
     """Train ``model`` for up to ``epochs``, stopping after ``patience`` epochs without a better ``monitor``.
 
@@ -94,9 +108,15 @@ def fit(
     epoch (``"epoch"``); a ``ReduceLROnPlateau`` is stepped with the monitored value. At the end the best
     epoch's weights are loaded back into the model. ``context`` (default: one process on the model's
     device) says which rank shows the progress bars.
+
+    ``accumulation_steps`` batches add up their gradients before each optimizer step (a batch-``"batch"`` scheduler
+    steps with the optimizer; under DDP the gradients are averaged across ranks only on the step's last batch);
+    ``autocast_dtype`` runs forward passes and losses in mixed precision (e.g. ``torch.bfloat16``, also on CPU);
+    ``max_grad_norm`` clips the gradients' global norm before each step.
     """
-    if epochs < 1 or patience < 1:
-        raise ValueError(f"fit: epochs and patience must be at least 1, got epochs={epochs}, patience={patience}")
+    if epochs < 1 or patience < 1 or accumulation_steps < 1:
+        raise ValueError(f"fit: epochs, patience and accumulation_steps must be at least 1, got epochs={epochs}, "
+                         f"patience={patience}, accumulation_steps={accumulation_steps}")
     context = context or single_process_context(next(model.parameters()).device)
     module = unwrap_model(model)
     # A DataLoader's sampler, or its batch sampler, may need telling the epoch (DistributedSampler does).
@@ -114,19 +134,30 @@ def fit(
         loss_sum = count = 0.0
         bar = _progress.progress_bar(train_loader, desc=f"{desc} {epoch}/{epochs}", leave=False,
                                     disable=not context.is_main)
-        for inputs, targets in bar:
+        n_batches = len(train_loader) if hasattr(train_loader, "__len__") else None
+        optimizer.zero_grad(set_to_none=True)
+        for batch_index, (inputs, targets) in enumerate(bar, start=1):
+            steps_now = batch_index % accumulation_steps == 0 or batch_index == n_batches
+            # Between optimizer steps DDP need not average the gradients: only the last batch's backward does.
+            no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not steps_now \
+                else contextlib.nullcontext()
             targets = targets.to(context.device, non_blocking=True)
-            loss = loss_fn(_forward(model, _to_device(inputs, context.device)), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None and scheduler_interval == "batch":
-                scheduler.step()
+            with no_sync:
+                with _autocast(context, autocast_dtype):
+                    loss = loss_fn(_forward(model, _to_device(inputs, context.device)).float(), targets)
+                (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
+            if steps_now:
+                if max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None and scheduler_interval == "batch":
+                    scheduler.step()
             loss_sum += float(loss.detach()) * len(targets)
             count += len(targets)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}")
         loss_sum, count = all_reduce_sum([loss_sum, count], context)
-        val_loss, val_accuracy = _validate(model, val_loader, loss_fn, context)
+        val_loss, val_accuracy = _validate(model, val_loader, loss_fn, context, autocast_dtype)
         monitored = val_loss if monitor == "val_loss" else val_accuracy
         if scheduler is not None and scheduler_interval == "epoch":
             if isinstance(scheduler, ReduceLROnPlateau):
@@ -180,3 +211,38 @@ def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: flo
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in groups],
                                                     total_steps=total_steps)
     return optimizer, scheduler
+
+
+def warmup_linear_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, total_steps: int,
+                        warmup_fraction: float = 0.1, part_learning_rates: Sequence[tuple[nn.Module, float]] = ()
+                        ) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """AdamW over the trainable parameters with a linear warm-up over ``warmup_fraction`` of ``total_steps``
+    optimizer steps to the peak LR, then a linear decay to 0: the usual schedule for fine-tuning a pretrained
+    transformer. Biases and normalisation weights (1-D parameters) are not decayed.
+
+    ``learning_rate`` is the peak LR; ``part_learning_rates`` gives parts of ``model`` (submodule, peak LR) their
+    own, e.g. a new head a larger one than the pretrained encoder.
+    """
+    if total_steps < 1:
+        raise ModelConfigError(f"a training run needs at least one step (epochs x batches), not {total_steps}")
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise ModelConfigError(f"warmup_fraction must be in [0, 1), not {warmup_fraction}")
+    parts = [([p for p in part.parameters() if p.requires_grad], rate) for part, rate in part_learning_rates]
+    claimed = {id(p) for params, _ in parts for p in params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    groups = []
+    for params, rate in [(rest, learning_rate), *parts]:
+        for decay, chosen in ((weight_decay, [p for p in params if p.ndim > 1]),
+                              (0.0, [p for p in params if p.ndim <= 1])):
+            if chosen:
+                groups.append({"params": chosen, "lr": rate, "weight_decay": decay})
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, fused=True)
+    warmup_steps = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        # The peak is the warm-up's last step; the decay reaches 0 at the last of ``total_steps``.
+        return max(0.0, (total_steps - 1 - step) / max(1, total_steps - warmup_steps))
+
+    return optimizer, LambdaLR(optimizer, factor)

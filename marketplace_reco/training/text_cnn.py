@@ -45,7 +45,7 @@ class TextCNNTrainConfig:
     seed: int = 0
 
 
-class _LengthBucketBatchSampler(Sampler[list[int]]):
+class LengthBucketBatchSampler(Sampler[list[int]]):
     """Batches of similar-length texts drawn from a (possibly sharded) shuffled sampler.
 
     Each run of ``batch_size * _BUCKET_BATCHES`` indices is sorted by length, cut into batches and the
@@ -138,7 +138,7 @@ def _loader(ids: np.ndarray, labels: np.ndarray, batch_size: int, context: Distr
     dataset = TensorDataset(torch.from_numpy(ids), torch.as_tensor(labels, dtype=torch.long))
     sampler = shard_sampler(dataset, context, shuffle=shuffle, seed=seed)
     lengths = (ids != PAD_INDEX).sum(axis=1)
-    return DataLoader(dataset, batch_sampler=_LengthBucketBatchSampler(sampler, lengths, batch_size, seed))
+    return DataLoader(dataset, batch_sampler=LengthBucketBatchSampler(sampler, lengths, batch_size, seed))
 
 
 def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainConfig,
@@ -192,7 +192,8 @@ def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainCo
                 "temperature": temperature,
                 "fitted_on": "validation texts",
                 "validation_ece_before": expected_calibration_error(val_labels, np.exp(val_scores)),
-                "validation_ece_after": expected_calibration_error(val_labels, softmax(val_scores / temperature, axis=1)),
+                "validation_ece_after": expected_calibration_error(val_labels,
+                                                                   softmax(val_scores / temperature, axis=1)),
             },
         },
     )

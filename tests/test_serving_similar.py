@@ -238,3 +238,18 @@ def test_a_similar_model_named_apart_from_the_index_is_checked_by_revision(check
             answer = http.post("/similar", json={"text": "oak table", "k": 3})
             assert answer.status_code == 200, answer.text
             assert answer.json()["model"] == TEXT_MODEL and len(answer.json()["results"]) == 3
+
+
+def test_similar_and_embed_want_the_servers_api_key(checkpoints: Path, sample: dict[str, str]) -> None:
+    key = "a-long-enough-test-key-0123456789"
+    build_index(load_model(str(checkpoints / TEXT_MODEL)), **sample, target=str(checkpoints / "path-index"),
+                progress=False)  # up to date already when the test above ran: then nothing is embedded
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MARKETPLACE_CHECKPOINTS", str(checkpoints))
+        settings = ServingSettings(text_model=TEXT_MODEL, index="path-index", similar_model=TEXT_MODEL,
+                                   db_url=sample["db_url"], torch_threads=1, api_keys=[key])
+        with LoopbackServer(create_app(settings)) as running, httpx.Client(base_url=running.url) as http:
+            running.wait_ready()
+            for path in ("/similar", "/embed"):
+                error_message(http.post(path, json={"text": "oak table"}), 401, "unauthorized")
+                assert http.post(path, json={"text": "oak table"}, headers={"X-API-Key": key}).status_code == 200

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Search benchmark, scale part: exact against approximate listing search on synthetic vectors, FAISS and pgvector.
+"""Search benchmark: exact against approximate search at scale (FAISS, pgvector), and retrieval quality on real data.
 
 The vectors are synthetic but clustered like listing embeddings, not uniform noise: 13 "category" centres, 2,000
 "product type" clusters around them with Zipf-like sizes, points scattered around their cluster in a 64-dimensional
@@ -14,17 +14,23 @@ Sections, each printed as a table and written to reports/bench_search.md:
    single-query p50/p99 for several ``efSearch``, save/load time and size, incremental add/delete cost;
 3. pgvector at ``--pg-n`` vectors (PostgreSQL 16 + pgvector 0.6 from ``--pg-url``, or a throw-away server on
    pgserver's binaries, as the tests start): bulk load and HNSW build time, table and index size, recall@10 and
-   query p50/p99 over SQL for several ``hnsw.ef_search``.
+   query p50/p99 over SQL for several ``hnsw.ef_search``;
+4. retrieval quality on real listings (with --image-model / --text-model / --fusion-model, checkpoint names or
+   paths): same-listing recall@1/@10 and MRR (a photo as the query over the exact index of every photo; the answers
+   are its listing's other photos, listings with >= 2 photos), category precision@10 listing -> listings for image,
+   text and fusion vectors, query latency p50/p99 in process and over HTTP (``POST /similar`` on a loopback
+   uvicorn) with ``--http-listings`` listings (the real listings' vectors padded with synthetic ones of the same
+   dimension), and the time to embed and index.
 Query latencies are measured one query at a time with one FAISS thread (a server answers one request per worker);
-builds use every core. The bars of issue 18: at 1,000,000 vectors, recall@10 >= 0.95 at p50 <= 5 ms in process.
-
-The retrieval-quality part of the issue (same-listing recall@1/@10 and MRR, category precision@10, latency over
-HTTP) needs the models' ``embed()``; it will be further sections of this script, reading real listings and photos.
+builds use every core. The bars of issue 18: at 1,000,000 vectors, recall@10 >= 0.95 at p50 <= 5 ms in process;
+same-listing recall@10 >= 0.80; fusion category precision@10 >= 0.80; /similar p50 <= 30 ms at 100,000 listings.
 
     nice -n 19 python scripts/bench_search.py                               # 1,000,000 x 384, pgvector 100,000
     nice -n 19 python scripts/bench_search.py --dim 1280 --n 200000 --pg-n 50000 --crossover-dims \
         --output reports/bench_search_1280.md
     python scripts/bench_search.py --n 20000 --pg-n 5000 --crossover-sizes 2500 5000   # a quick run
+    nice -n 19 python scripts/bench_search.py --skip-scale --image-model .cache/bench_models/seed0/image \
+        --text-model .cache/bench_models/seed0/text-cnn                     # section 4 on ../shared/marketplace
 """
 
 from __future__ import annotations
@@ -34,24 +40,39 @@ import datetime
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import faiss
+import httpx
 import numpy as np
+import pandas as pd
 import psutil
+import uvicorn
 from sqlalchemy import Engine, insert, text
 
+from marketplace_reco._progress import progress_bar
 from marketplace_reco.data.database import open_engine
+from marketplace_reco.data.image_store import ImageStore, open_image_store
+from marketplace_reco.data.images import load_image
+from marketplace_reco.data.importer import import_csv
 from marketplace_reco.data.schema import create_schema, products
+from marketplace_reco.models import ImageClassifier, load_model, mean_by_listing
+from marketplace_reco.models._listings import l2_normalize_rows
 from marketplace_reco.search import EmbeddingSpec, FaissListingIndex, ListingIndex, Neighbour
+from marketplace_reco.search.catalogue import read_catalogue
 from marketplace_reco.search.faiss_index import DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, EXACT_MAX_COMPONENTS
 from marketplace_reco.search.pgvector_index import PgvectorListingIndex
-from marketplace_reco.settings import reports_dir
+from marketplace_reco.serving import ServingSettings, create_app
+from marketplace_reco.serving.connections import uvicorn_config
+from marketplace_reco.settings import benchmark_export_dir, reports_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -318,6 +339,257 @@ def pgvector_engine(url: str | None) -> tuple[Engine, Callable[[], None]]:
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
+# ---- 4. retrieval quality on real listings -------------------------------------------------------------------
+@dataclass
+class Embedded:
+    """Unit vectors of one kind and the listing (or photo) ids they belong to."""
+
+    ids: list[str]
+    vectors: np.ndarray
+
+
+def image_features(model: ImageClassifier, catalogue: pd.DataFrame, store: ImageStore,
+                   batch: int = 64) -> tuple[list[str], list[str], np.ndarray]:
+    """(photo ids, their listing ids, feature-layer rows) of every photo: what both image indexes come from."""
+    photo_ids = [image_id for image_ids in catalogue["image_ids"] for image_id in image_ids]
+    owners = [listing for listing, image_ids in zip(catalogue["listing_id"], catalogue["image_ids"])
+              for _ in image_ids]
+    rows = []
+    for start in progress_bar(range(0, len(photo_ids), batch), desc="image features", unit="batch"):
+        chunk = photo_ids[start:start + batch]
+        encoded = store.get_many(chunk)
+        rows.append(model.extract_features([load_image(encoded[image_id], name=image_id) for image_id in chunk]))
+    return photo_ids, owners, np.concatenate(rows)
+
+
+def text_vectors(model: Any, catalogue: pd.DataFrame, batch: int = 256) -> Embedded:
+    rows = catalogue[catalogue["text"].str.strip() != ""]
+    texts = rows["text"].tolist()
+    chunks = [model.embed(texts=texts[start:start + batch])
+              for start in progress_bar(range(0, len(texts), batch), desc="text vectors", unit="batch")]
+    return Embedded(rows["listing_id"].tolist(), np.concatenate(chunks))
+
+
+def exact_index(embedded: Embedded, name: str, encodes: str) -> FaissListingIndex:
+    spec = EmbeddingSpec(model_name=name, model_revision="bench", model_type="bench", encodes=encodes,
+                         dim=embedded.vectors.shape[1])
+    index = FaissListingIndex(spec, kind="exact")
+    keep = np.linalg.norm(embedded.vectors, axis=1) > 0.5  # a zero vector has no neighbours to measure
+    index.add([listing for listing, kept in zip(embedded.ids, keep) if kept], embedded.vectors[keep])
+    return index
+
+
+def same_listing_recall(photo_ids: list[str], owners: list[str], photo_vectors: np.ndarray) -> list[object]:
+    """A photo as the query over the index of every photo, itself left out; the answers are its listing's other
+    photos (listings with >= 2 photos). recall@k: share of queries with one of them in the top k; MRR: mean of
+    1 / rank of the first one."""
+    index = exact_index(Embedded(photo_ids, photo_vectors), "photos", "image")
+    by_listing: dict[str, set[str]] = {}
+    for photo, owner in zip(photo_ids, owners):
+        by_listing.setdefault(owner, set()).add(photo)
+    queries = [i for i, owner in enumerate(owners) if len(by_listing[owner]) >= 2 and photo_ids[i] in index]
+    ranks = []
+    for start in range(0, len(queries), 256):
+        chunk = queries[start:start + 256]
+        found = index.search(photo_vectors[chunk], K, exclude_ids=[[photo_ids[i]] for i in chunk])
+        for i, neighbours in zip(chunk, found):
+            answers = by_listing[owners[i]] - {photo_ids[i]}
+            rank = next((r for r, n in enumerate(neighbours, start=1) if n.listing_id in answers), None)
+            ranks.append(rank)
+    hits = np.array([rank is not None for rank in ranks])
+    first = np.array([rank or np.inf for rank in ranks], dtype=float)
+    return [len(ranks), f"{np.mean(first <= 1):.3f}", f"{np.mean(hits):.3f}", f"{np.mean(1 / first):.3f}"]
+
+
+def category_precision(embedded: Embedded, roots: pd.Series, name: str, encodes: str) -> list[object]:
+    """Listing -> listings: the share of each labelled listing's 10 nearest listings (itself left out) that share
+    its root category, averaged over the listings."""
+    index = exact_index(embedded, name, encodes)
+    labelled = [listing for listing in embedded.ids if listing in index and isinstance(roots.get(listing), str)]
+    vectors = index.get_vectors(labelled)
+    shares = []
+    for start in range(0, len(labelled), 256):
+        chunk = labelled[start:start + 256]
+        found = index.search(vectors[start:start + 256], K, exclude_ids=[[listing] for listing in chunk])
+        shares += [np.mean([roots.get(n.listing_id) == roots[listing] for n in neighbours])
+                   for listing, neighbours in zip(chunk, found) if neighbours]
+    return [len(shares), f"{np.mean(shares):.3f}"]
+
+
+def padded_index(embedded: Embedded, size: int, spec: EmbeddingSpec, seed: int) -> FaissListingIndex:
+    """The real listings' vectors plus synthetic ones (``ClusteredVectors`` of the same dimension) up to ``size``,
+    in a default (auto: exact, HNSW above the crossover) index: the size a latency bar is set at."""
+    index = FaissListingIndex(spec)
+    index.add(embedded.ids, embedded.vectors)
+    extra = size - len(embedded.ids)
+    if extra > 0:
+        index.add(listing_ids(0, extra), ClusteredVectors(spec.dim, seed).all(extra, 0))
+    return index
+
+
+class _Server:
+    """uvicorn serving ``app`` on a free loopback port in a thread, as the CLI configures it."""
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._server = uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def __enter__(self) -> _Server:
+        self._thread.start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self._server.started and httpx.get(f"{self.url}/ready").status_code == 200:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"the server did not get ready: {httpx.get(f'{self.url}/ready').text}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._socket.close()
+
+
+def http_latencies(model_name: str, index: FaissListingIndex, db_url: str, queries: list[dict[str, Any]],
+                   endpoint_kind: str) -> list[list[object]]:
+    """p50/p99 of ``POST /similar`` (k = 10) over real HTTP, one request at a time, per query kind."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-similar-") as scratch:
+        folder = index.save_pretrained(Path(scratch) / "index")
+        settings = ServingSettings(**{f"{endpoint_kind}_model": model_name}, index=str(folder), db_url=db_url,
+                                   torch_threads=1, max_batch_wait_ms=0)
+        with _Server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+            for label, bodies in (("by listing id", [q for q in queries if "listing_id" in q]),
+                                  ("by text", [q for q in queries if "text" in q])):
+                if not bodies:
+                    continue
+                for body in bodies[:5]:  # warm up
+                    http.post("/similar", json=body).raise_for_status()
+                times = []
+                for body in bodies:
+                    started = time.perf_counter()
+                    http.post("/similar", json=body).raise_for_status()
+                    times.append((time.perf_counter() - started) * 1000)
+                rows.append([label, len(times), f"{np.percentile(times, 50):.1f}", f"{np.percentile(times, 99):.1f}"])
+    return rows
+
+
+def retrieval_quality(args: argparse.Namespace) -> list[str]:
+    """Section 4 (the module docstring): same-listing recall, category precision, latencies, build time."""
+    with tempfile.TemporaryDirectory(prefix="bench-search-data-") as scratch:
+        db_url, where = args.db_url, args.db_url
+        if db_url is None:
+            db_url = f"sqlite:///{Path(scratch) / 'marketplace.db'}"
+            import_csv(args.data / "products.csv", args.data / "images.csv", db_url, progress=False)
+            where = f"{args.data} (imported into a temporary SQLite database)"
+        store = open_image_store(args.images or str(args.data / "images"))
+        catalogue = read_catalogue(open_engine(db_url))
+        roots = catalogue.set_index("listing_id")["category"].map(
+            lambda category: category.split("/", 1)[0].strip() if isinstance(category, str) else None)
+        models_used, embedded, sections = [], {}, []
+        build_rows = []
+        image_model = text_model = None
+        if args.image_model:
+            image_model = load_model(args.image_model)
+            models_used.append(f"image: `{args.image_model}` ({image_model.model_type}, "
+                               f"{getattr(image_model, 'backbone_name', '')}, revision {image_model.source['revision']})")
+            started = time.perf_counter()
+            photo_ids, owners, features = image_features(image_model, catalogue, store)
+            seconds = time.perf_counter() - started
+            photo_vectors = l2_normalize_rows(features)
+            listing_order = list(dict.fromkeys(owners))
+            position = {listing: i for i, listing in enumerate(listing_order)}
+            listing_vectors = l2_normalize_rows(mean_by_listing(
+                features, np.array([position[o] for o in owners]), len(listing_order)))
+            embedded["image"] = Embedded(listing_order, listing_vectors)
+            build_rows.append(["image (every photo's features)", len(photo_ids), f"{seconds:.1f}"])
+            say("same-listing recall")
+            recall = same_listing_recall(photo_ids, owners, photo_vectors)
+            sections += ["### Same-listing recall (image index of photos)",
+                         ("A photo as the query over the exact index of every photo (itself left out); the answers "
+                          "are the other photos of its listing (listings with >= 2 photos). recall@k: share of "
+                          "queries with one of them in the top k; MRR: mean of 1 / rank of the first one within the "
+                          "top 10."),
+                         table(["queries", "recall@1", "recall@10", "MRR@10"], [recall])]
+        if args.text_model:
+            text_model = load_model(args.text_model)
+            models_used.append(f"text: `{args.text_model}` ({text_model.model_type}, revision "
+                               f"{text_model.source['revision']})")
+            started = time.perf_counter()
+            embedded["text"] = text_vectors(text_model, catalogue)
+            build_rows.append(["text", len(embedded["text"].ids), f"{time.perf_counter() - started:.1f}"])
+        if args.fusion_model:
+            fusion = load_model(args.fusion_model)
+            models_used.append(f"fusion: `{args.fusion_model}` (revision {fusion.source['revision']})")
+            started = time.perf_counter()
+            vectors = []
+            for start in progress_bar(range(0, len(catalogue), 64), desc="fusion vectors", unit="batch"):
+                rows = catalogue.iloc[start:start + 64]
+                encoded = store.get_many([i for ids in rows["image_ids"] for i in ids])
+                images = [[load_image(encoded[i], name=i) for i in ids] or None for ids in rows["image_ids"]]
+                texts = [text if text.strip() else None for text in rows["text"]]
+                keep = [bool(photos) or bool(text) for photos, text in zip(images, texts)]
+                vectors.append((rows["listing_id"][keep].tolist(), fusion.embed(
+                    images=[p for p, k in zip(images, keep) if k], texts=[t for t, k in zip(texts, keep) if k])))
+            embedded["fusion"] = Embedded([i for ids, _ in vectors for i in ids], np.concatenate([v for _, v in vectors]))
+            build_rows.append(["fusion", len(embedded["fusion"].ids), f"{time.perf_counter() - started:.1f}"])
+        elif "image" in embedded and "text" in embedded:
+            # FusionClassifier.embed: [image part | text part], each part x 1/sqrt(2) when both are present.
+            image, text_part = embedded["image"], embedded["text"]
+            image_of = dict(zip(image.ids, image.vectors))
+            text_of = dict(zip(text_part.ids, text_part.vectors))
+            ids = [listing for listing in catalogue["listing_id"] if listing in image_of or listing in text_of]
+            zeros_image, zeros_text = np.zeros(image.vectors.shape[1]), np.zeros(text_part.vectors.shape[1])
+            rows = [np.concatenate([image_of.get(i, zeros_image), text_of.get(i, zeros_text)]) for i in ids]
+            both = np.array([i in image_of and i in text_of for i in ids])
+            fused = np.stack(rows).astype(np.float32)
+            fused[both] /= np.float32(np.sqrt(2.0))
+            embedded["fusion"] = Embedded(ids, fused)
+            models_used.append("fusion: the image and text models' vectors joined as `FusionClassifier.embed` joins "
+                               "its branches' (a fusion checkpoint of these two branches gives the same vectors)")
+        if not embedded:
+            return ["## 4. Retrieval quality", "No model given (--image-model, --text-model, --fusion-model)."]
+        say("category precision")
+        precision_rows = [[kind, *category_precision(vectors, roots, kind, "image+text" if kind == "fusion" else kind)]
+                          for kind, vectors in embedded.items()]
+        sections += ["### Category precision@10 (listing -> listings)",
+                     ("Each labelled listing's 10 nearest listings in the exact index of its kind (itself left "
+                      "out): the share with its root category."),
+                     table(["vectors", "listings", "precision@10"], precision_rows)]
+        # Latency: the model that serves queries, over its real vectors padded with synthetic ones.
+        kind = "text" if text_model is not None else "image" if image_model is not None else "fusion"
+        served = {"text": args.text_model, "image": args.image_model, "fusion": args.fusion_model}[kind]
+        model = load_model(served)
+        spec = EmbeddingSpec(model_name=served, model_revision=model.source["revision"], model_type=model.model_type,
+                             encodes=model.input_kind, dim=embedded[kind].vectors.shape[1])
+        started = time.perf_counter()
+        index = padded_index(embedded[kind], args.http_listings, spec, args.seed)
+        build_rows.append([f"{kind} index of {len(index):,} listings ({index.structure})", len(index),
+                           f"{time.perf_counter() - started:.1f}"])
+        rng = np.random.default_rng(args.seed)
+        real = rng.choice(embedded[kind].ids, size=min(args.latency_queries, len(embedded[kind].ids)), replace=False)
+        p50, p99 = single_thread(latencies_ms, index, index.get_vectors(list(real)))
+        say("latency over HTTP")
+        queries = [{"listing_id": listing, "k": K} for listing in real]
+        if kind == "text":
+            texts = catalogue.set_index("listing_id").loc[list(real), "text"]
+            queries += [{"text": text, "k": K} for text in texts if text.strip()]
+        http_rows = http_latencies(served, index, db_url, queries, "combined" if kind == "fusion" else kind)
+        sections += [f"### Query latency, {kind} index of {len(index):,} listings",
+                     (f"{len(embedded[kind].ids):,} real listings' vectors padded with synthetic clustered vectors of "
+                      f"the same dimension ({spec.dim}) up to {len(index):,}; k = {K}. In process: "
+                      f"`FaissListingIndex.search`, one FAISS thread, {len(real)} queries: "
+                      f"**p50 {p50:.2f} ms, p99 {p99:.2f} ms**. Over HTTP (`POST /similar`, uvicorn on loopback, one "
+                      "request at a time, JSON, answers with the listings' details read from the database; a text "
+                      "query is embedded by the served model first):"),
+                     table(["query", "requests", "p50 ms", "p99 ms"], http_rows),
+                     "### Build time", table(["what", "items", "seconds"], build_rows)]
+        return ["## 4. Retrieval quality on real listings", f"Data: {where}: {len(catalogue):,} listings. Models: "
+                + "; ".join(models_used) + ".", *sections]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the FAISS scale test")
@@ -338,22 +610,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pg-workers", type=int, default=1, help="parallel maintenance workers for the HNSW build")
     parser.add_argument("--pg-memory", default="2GB", help="maintenance_work_mem for the HNSW build")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=None, help="report file (default reports/bench_search.md)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="report file (default reports/bench_search.md, with --skip-scale "
+                             "reports/bench_search_retrieval.md)")
+    parser.add_argument("--skip-scale", action="store_true", help="run only section 4 (retrieval quality)")
+    retrieval = parser.add_argument_group("4. retrieval quality on real listings (runs when a model is given)")
+    retrieval.add_argument("--image-model", help="image model: checkpoint name or path (load_model)")
+    retrieval.add_argument("--text-model", help="text model: checkpoint name or path")
+    retrieval.add_argument("--fusion-model", help="fusion model (default: the image and text models' vectors joined "
+                                                  "as FusionClassifier.embed joins its branches')")
+    retrieval.add_argument("--data", type=Path, default=benchmark_export_dir(),
+                           help="CSV export (products.csv, images.csv, images/), imported into a temporary SQLite "
+                                "database (default: %(default)s)")
+    retrieval.add_argument("--db-url", default=None, help="read this database instead of importing --data")
+    retrieval.add_argument("--images", default=None, help="photos with --db-url (default: <--data>/images)")
+    retrieval.add_argument("--http-listings", type=int, default=100_000,
+                           help="listings in the index whose latency is measured (real ones padded with synthetic)")
     args = parser.parse_args(argv)
-    output = args.output or reports_dir() / "bench_search.md"
+    output = args.output or reports_dir() / ("bench_search_retrieval.md" if args.skip_scale else "bench_search.md")
     command = " ".join(["python scripts/bench_search.py", *(argv if argv is not None else sys.argv[1:])])
 
     sections = []
+    if args.skip_scale:
+        args.crossover_dims, args.n, args.pg_n = [], 0, 0
     if args.crossover_dims:
         say("1. exact crossover")
         crossover = exact_crossover(args.crossover_dims, args.crossover_sizes, args.latency_queries, args.seed)
         sections += ["## 1. Exact search: where it stops meeting 5 ms", crossover,
                      (f"`FaissListingIndex` searches exactly while listings x dim <= {EXACT_MAX_COMPONENTS:,} "
                       "(`EXACT_MAX_COMPONENTS`), and builds HNSW above.")]
-    say(f"2. FAISS at {args.n:,} x {args.dim}")
-    scale = faiss_at_scale(args.n, args.dim, args.queries, args.latency_queries, args.ef_search,
-                           args.ef_construction, args.seed)
-    sections += [f"## 2. FAISS at {args.n:,} vectors of dim {args.dim}", scale]
+    if args.n:
+        say(f"2. FAISS at {args.n:,} x {args.dim}")
+        scale = faiss_at_scale(args.n, args.dim, args.queries, args.latency_queries, args.ef_search,
+                               args.ef_construction, args.seed)
+        sections += [f"## 2. FAISS at {args.n:,} vectors of dim {args.dim}", scale]
     if args.pg_n:
         say(f"3. pgvector at {args.pg_n:,} x {args.dim}")
         engine, stop = pgvector_engine(args.pg_url)
@@ -367,13 +657,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop()
         sections += [f"## 3. pgvector at {args.pg_n:,} vectors of dim {args.dim}",
                      f"{versions[0].split(',')[0]}, pgvector {versions[1]}.", pg]
+    if args.image_model or args.text_model or args.fusion_model:
+        say("4. retrieval quality")
+        sections += retrieval_quality(args)
 
-    header = (f"# Listing search benchmark (scale)\n\n"
+    header = (f"# Listing search benchmark\n\n"
               f"{datetime.date.today().isoformat()}, {platform.node() or 'machine'}: {os.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB, FAISS {faiss.__version__}. Command: `{command}`\n\n"
-              f"Vectors: synthetic, clustered (see the script's docstring), L2-normalised; {args.queries} held-out "
-              f"queries for recall, {args.latency_queries} timed one at a time with one FAISS thread.")
-    report = "\n\n".join([header, *sections]) + "\n"
+              + ("" if args.skip_scale else
+                 f"Vectors: synthetic, clustered (see the script's docstring), L2-normalised; {args.queries} held-out "
+                 f"queries for recall, {args.latency_queries} timed one at a time with one FAISS thread."))
+    report = "\n\n".join([header.rstrip(), *sections]) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(report, encoding="utf-8")
     print(report)

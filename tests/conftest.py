@@ -20,6 +20,7 @@ from marketplace_reco.data.database import open_engine
 from marketplace_reco.data.dataset import Marketplace, load_marketplace
 from marketplace_reco.data.sample import make_sample_marketplace
 from marketplace_reco.data.schema import create_schema, products
+from search_models import save_embedding_checkpoints
 from services import MotoS3Server, PgvectorServer, PostgresServer, find_pgvector_bin_dir, find_postgres_bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +180,10 @@ def pgvector_engine(pgvector_url: str, listing_vectors: ListingVectors) -> Itera
         conn.execute(insert(products), rows)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def embedding_checkpoints(sample_marketplace: Marketplace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoints folder with tiny ``image-classifier``, ``text-cnn`` (trained) and ``fusion`` models made from
+    the sample marketplace (``search_models.py``), for the similar-listing tests."""
+    return save_embedding_checkpoints(sample_marketplace, tmp_path_factory.mktemp("embedding-checkpoints"))

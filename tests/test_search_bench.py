@@ -24,3 +24,22 @@ def test_the_benchmark_reports_every_section(pgvector_url: str, tmp_path: Path) 
     assert "| from_pretrained |" in text and "| True |" in text
     assert "| exact (IndexFlatIP) | - |" in text and "| HNSW M=32 efC=200 | 64 |" in text
     assert "pgvector 0.6" in text and "| HNSW m=16 ef_construction=64 | 40 |" in text
+
+
+def test_the_retrieval_section_measures_the_models_on_listings(embedding_checkpoints: Path,
+                                                               sample_data: dict[str, str], tmp_path: Path) -> None:
+    report = tmp_path / "bench_search_retrieval.md"
+    result = subprocess.run([
+        sys.executable, str(SCRIPT), "--skip-scale", "--db-url", sample_data["db_url"],
+        "--images", sample_data["image_location"], "--image-model", str(embedding_checkpoints / "image-classifier"),
+        "--text-model", str(embedding_checkpoints / "text-cnn"), "--http-listings", "2000", "--latency-queries", "10",
+        "--output", str(report),
+    ], capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr
+    text = report.read_text()
+    assert "## 1." not in text and "## 4. Retrieval quality on real listings" in text
+    for heading in ("Same-listing recall", "Category precision@10", "Query latency, text index of 2,000 listings",
+                    "Build time"):
+        assert heading in text
+    assert "| image | 130 |" in text and "| text | 130 |" in text and "| fusion | 130 |" in text
+    assert "| by listing id | 10 |" in text and "| by text | 10 |" in text

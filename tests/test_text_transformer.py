@@ -146,7 +146,7 @@ def test_batching_and_padding_never_change_a_prediction(trained: TextTransformer
 
 def test_embed_gives_unit_rows_of_the_feature_layer(trained: TextTransformerClassifier) -> None:
     vectors = trained.embed(texts=TEXTS[:2])
-    assert vectors.dtype == np.float32 and vectors.shape == (2, trained.feature_dim)
+    assert vectors.dtype == np.float32 and vectors.shape == (2, trained.embedding_dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     features = trained.extract_features(TEXTS[:2])
     np.testing.assert_allclose(vectors, features / np.linalg.norm(features, axis=1, keepdims=True), atol=1e-5)
@@ -270,6 +270,12 @@ def test_fusion_with_a_transformer_text_branch_saves_loads_and_predicts(fusion_f
     np.testing.assert_allclose(model.known_token_counts(texts), model.text_branch.known_token_counts(texts))
     again = load_model(str(fusion_folder)).predict_proba(images=photos, texts=texts)
     np.testing.assert_allclose(again, both, atol=1e-6)
+    # Listing vectors: [image part | transformer part], both present: each part / sqrt(2).
+    vectors = model.embed(images=photos, texts=texts)
+    assert vectors.shape == (4, model.embedding_dim) and model.embedding_dim == \
+        model.image_branch.embedding_dim + model.text_branch.embedding_dim
+    np.testing.assert_allclose(vectors[:, model.image_branch.embedding_dim:] * np.sqrt(2),
+                               model.text_branch.embed(texts=texts), atol=1e-5)
 
 
 def test_a_concat_fusion_reads_the_transformer_s_features(sample_splits: dict[str, Marketplace],

@@ -200,17 +200,48 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
                       texts: Sequence[str | None] | None = None) -> np.ndarray:
         """Class probabilities [n, n_classes] of n listings: ``images[i]`` (a photo, a list of the listing's photos,
         or None) with ``texts[i]`` (a string; None or blank for no text). Each listing needs a photo or a text."""
-        if images is None and texts is None:
-            raise ModelConfigError("FusionClassifier.predict_proba needs images=[...] and/or texts=[...]")
-        n = len(images if images is not None else texts)  # type: ignore[arg-type]
-        images = list(images) if images is not None else [None] * n
-        texts = list(texts) if texts is not None else [None] * n
-        if len(images) != len(texts):
-            raise ModelConfigError(f"FusionClassifier.predict_proba needs one entry of images per text, got "
-                                   f"{len(images)} and {len(texts)}")
+        images, texts = _paired(images, texts, "predict_proba")
         rows = [self._predict_chunk(images[start:start + _CHUNK], texts[start:start + _CHUNK])
-                for start in range(0, n, _CHUNK)]
+                for start in range(0, len(texts), _CHUNK)]
         return np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of ``embed``'s vectors: the image branch's part, then the text branch's."""
+        return self.image_branch.embedding_dim + self.text_branch.embedding_dim
+
+    def embed(self, images: Sequence[ListingImages] | None = None,
+              texts: Sequence[str | None] | None = None) -> np.ndarray:
+        """[n, embedding_dim] unit vectors of n listings (inputs as in ``predict_proba``) for similarity search:
+        ``[image part | text part]``, each part its branch's ``embed`` (a unit vector).
+
+        A listing with both inputs has each part scaled by 1/sqrt(2), so the vector is a unit vector and the cosine
+        of two such listings is the mean of their photo and text cosines. A listing with one input has that part at
+        full length and zeros for the other: it is still a unit vector, and its cosine to a listing with both
+        inputs is its branch's cosine divided by sqrt(2), so listings alike in both modalities rank first.
+        """
+        images, texts = _paired(images, texts, "embed")
+        rows = [self._embed_chunk(images[start:start + _CHUNK], texts[start:start + _CHUNK])
+                for start in range(0, len(texts), _CHUNK)]
+        return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)
+
+    def _embed_chunk(self, images: list[ListingImages], texts: list[str | None]) -> np.ndarray:
+        _, owners = listing_groups(images)
+        has_image = np.bincount(owners, minlength=len(images)) > 0
+        has_text = np.array([bool(text and text.strip()) for text in texts])
+        missing = ~(has_image | has_text)
+        if missing.any():
+            raise ModelConfigError(f"listing {int(np.flatnonzero(missing)[0])} has neither a photo nor a text")
+        image_dim = self.image_branch.embedding_dim
+        vectors = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
+        if has_image.any():
+            vectors[has_image, :image_dim] = self.image_branch.embed(
+                images=[item for item, present in zip(images, has_image) if present])
+        if has_text.any():
+            vectors[has_text, image_dim:] = self.text_branch.embed(
+                texts=[text for text, present in zip(texts, has_text) if present])
+        vectors[has_image & has_text] /= np.float32(np.sqrt(2.0))
+        return vectors
 
     def _predict_chunk(self, images: list[ListingImages], texts: list[str | None]) -> np.ndarray:
         photos, owners = listing_groups(images)
@@ -255,3 +286,17 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         finally:
             self.train(was_training)
         return torch.softmax(logits, dim=1).numpy()
+
+
+def _paired(images: Sequence[ListingImages] | None, texts: Sequence[str | None] | None,
+            method: str) -> tuple[list[ListingImages], list[str | None]]:
+    """``images`` and ``texts`` as two lists of one entry per listing (None where a listing has no such input)."""
+    if images is None and texts is None:
+        raise ModelConfigError(f"FusionClassifier.{method} needs images=[...] and/or texts=[...]")
+    n = len(images if images is not None else texts)  # type: ignore[arg-type]
+    images = list(images) if images is not None else [None] * n
+    texts = list(texts) if texts is not None else [None] * n
+    if len(images) != len(texts):
+        raise ModelConfigError(f"FusionClassifier.{method} needs one entry of images per text, got "
+                               f"{len(images)} and {len(texts)}")
+    return images, texts

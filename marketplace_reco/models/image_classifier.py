@@ -47,6 +47,7 @@ from ..data.images import letterbox
 from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
 from ._format import read_config
+from ._listings import ListingImages, listing_photo_embeddings
 from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
 
@@ -432,6 +433,18 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
     def extract_features(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Feature vectors [n, feature_dim] of PIL photos (the input of a fusion head)."""
         return self._batched(images, self.features)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of ``embed``'s vectors: the feature layer's."""
+        return self.feature[0].out_features
+
+    def embed(self, images: Sequence[ListingImages] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
+        """[n_listings, embedding_dim] unit vectors of listings for similarity search: ``images[i]`` is a listing's
+        photo or list of photos, whose feature-layer vectors (preprocessed as for prediction, without flip
+        averaging) are averaged, then L2-normalised. ``texts`` is ignored (an image-only model)."""
+        return listing_photo_embeddings(images if images is not None else [], self.extract_features,
+                                        type(self).__name__)
 
     def predict_proba(self, images: Sequence[Image.Image] | None = None,
                       texts: Sequence[str] | None = None) -> np.ndarray:

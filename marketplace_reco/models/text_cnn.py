@@ -31,6 +31,7 @@ from torch import nn
 
 from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
+from ._listings import l2_normalize_rows
 from ._registry import register_model
 from .word2vec import PAD_INDEX, EncodedTexts, TokenEncoder, Word2VecEmbedding
 
@@ -199,6 +200,19 @@ class TextCNN(nn.Module, TemperatureMixin, TorchCheckpointMixin):
     def extract_features(self, texts: Sequence[str]) -> np.ndarray:
         """[n, feature_dim] feature-layer activations of raw texts (the text half of the fusion model's input)."""
         return self._batched(texts, self.features)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of ``embed``'s vectors: every member's feature layer side by side."""
+        return self.feature_dim
+
+    def embed(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
+        """[n, embedding_dim] unit vectors of raw texts for similarity search: the members' feature-layer
+        activations side by side (tokenised as for prediction), L2-normalised; ``images`` is ignored. A text with
+        no known word gets the vector of an empty text."""
+        if texts is None:
+            raise ValueError("TextCNN.embed needs texts=[...]; this model does not use images")
+        return l2_normalize_rows(self.extract_features(texts))
 
     def predict_member_proba(self, texts: Sequence[str]) -> np.ndarray:
         """[n, ensemble_size, n_classes] each member's class probabilities (their spread shows disagreement)."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
+from ._listings import l2_normalize_rows
 from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
 
@@ -248,13 +249,16 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         """[n, feature_dim] feature-layer activations of raw texts (the text half of the fusion model's input)."""
         return self._batched(texts, self.features, self.feature_dim)
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width of ``embed``'s vectors: the feature layer's."""
+        return self.feature_dim
+
     def embed(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
-        """[n, feature_dim] float32 feature-layer vectors of raw texts, each row of unit length (for search)."""
+        """[n, embedding_dim] float32 feature-layer vectors of raw texts, each row of unit length (for search)."""
         if texts is None:
             raise ValueError("TextTransformerClassifier.embed needs texts=[...]; this model does not use images")
-        vectors = self.extract_features(texts)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+        return l2_normalize_rows(self.extract_features(texts))
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """[n, n_classes] uncalibrated logits of raw texts (what the temperature is fitted on)."""

@@ -140,6 +140,10 @@ class ListingIndex(ABC):
     def __contains__(self, listing_id: object) -> bool:
         """Whether the index holds a vector for ``listing_id``."""
 
+    @abstractmethod
+    def listing_ids(self) -> list[str]:
+        """Every listing id the index holds (what an incremental update compares with the database)."""
+
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Add new listings; an id the index holds already is an error (use ``upsert`` to replace it)."""
         ids = _check_ids(ids)

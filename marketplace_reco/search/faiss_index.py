@@ -123,6 +123,9 @@ class FaissListingIndex(ListingIndex):
     def __contains__(self, listing_id: object) -> bool:
         return listing_id in self._row_of
 
+    def listing_ids(self) -> list[str]:
+        return list(self._row_of)
+
     def _stored_vectors(self) -> np.ndarray:
         """A view (no copy) of every stored row's vector, ``[rows, dim]``; valid until the index changes."""
         if self.rows == 0:

@@ -256,6 +256,10 @@ class PgvectorListingIndex(ListingIndex):
         with self._transaction("look up a listing in") as conn:
             return bool(conn.execute(select(exists().where(self.table.c.product_id == listing_id))).scalar_one())
 
+    def listing_ids(self) -> list[str]:
+        with self._transaction("list the listings of") as conn:
+            return list(conn.execute(select(self.table.c.product_id).order_by(self.table.c.product_id)).scalars())
+
     def _write(self, ids: list[str], vectors: np.ndarray, *, replace: bool) -> None:
         staging = Table(f"staging_{self.name}", MetaData(), Column("product_id", Text),
                         Column("embedding", VECTOR(self.embedding.dim)),

@@ -20,13 +20,13 @@ from .errors import ApiError, error_response
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .pool import ModelPool
-from .routers import health, models, predict, prometheus
+from .routers import health, models, predict, prometheus, similar
 from .settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """Predicts the root category of a second-hand marketplace listing from its photo (`/image`),
-its text (`/text`) or both (`/combined`). Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
+its text (`/text`) or both (`/combined`), and finds similar listings (`/similar`, `/embed`) in a listing index. Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
 A server configured with API keys wants one on every route but `/health`, `/ready` and these docs:
 `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
 
@@ -93,6 +93,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(health.router)
     app.include_router(predict.router, dependencies=needs_key)
+    app.include_router(similar.router, dependencies=needs_key)
     app.include_router(models.router, dependencies=needs_key)
     app.include_router(prometheus.router, dependencies=needs_key)
     return app

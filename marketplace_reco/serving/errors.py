@@ -104,6 +104,27 @@ class InvalidInputError(ApiError):
     code = "invalid_input"
 
 
+class UnknownListingApiError(ApiError):
+    """A /similar query by a listing id the index does not hold."""
+
+    status_code = 404
+    code = "unknown_listing"
+
+
+class IndexModelMismatchError(ApiError):
+    """The served model is not the model revision that built the listing index."""
+
+    status_code = 409
+    code = "index_model_mismatch"
+
+
+class SearchFailedError(ApiError):
+    """The index or the database failed (not the query): the server log has the details."""
+
+    status_code = 503
+    code = "search_failed"
+
+
 class ModelOutputInvalidError(ApiError):
     """The model answered with probabilities that are not finite numbers: it is broken, not the input."""
 

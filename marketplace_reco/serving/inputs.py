@@ -42,7 +42,7 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .pool import ImageUpload
-from .schemas import TextBatchRequest, TextRequest
+from .schemas import SimilarRequest, TextBatchRequest, TextRequest
 from .settings import ServingSettings
 
 IMAGE_FIELDS = ("image", "img")
@@ -289,3 +289,67 @@ def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitabl
                                         f"got {media_type or 'a body without Content-Type'}")
 
     return read
+
+
+#: Form fields of ``/similar`` besides the photos and the text: ``SimilarRequest``'s other fields.
+SIMILAR_FORM_FIELDS = ("listing_id", "k", "category", "min_price", "max_price", "location")
+
+
+@dataclass
+class SimilarInputs:
+    """A ``/similar`` or ``/embed`` request: the photos (still encoded) and the checked query fields."""
+
+    query: SimilarRequest
+    images: list[ImageUpload] = field(default_factory=list)
+
+
+def _form_query(form: FormData, texts: list[str]) -> SimilarRequest:
+    values: dict[str, Any] = {}
+    for name in SIMILAR_FORM_FIELDS:
+        sent = _form_values(form, (name,))
+        if len(sent) > 1:
+            raise InvalidInputError(f"send the field {name!r} once; got it {len(sent)} times")
+        if sent:
+            if not isinstance(sent[0], str):
+                raise InvalidInputError(f"the field {name!r} must be a text value, not a file")
+            values[name] = sent[0]
+    if texts:
+        values["text"] = texts[0]
+    try:
+        return SimilarRequest.model_validate(values)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from exc
+
+
+async def similar_inputs(request: Request, settings: SettingsDep) -> SimilarInputs:
+    """The query of ``/similar`` and ``/embed``: JSON (``SimilarRequest``), or a form with photos ('image'), a text
+    and the same fields; held to the same limits as the prediction endpoints. At least one of a listing id, a photo
+    or a text; a listing id goes alone."""
+    media_type = _media_type(request.headers.get("content-type"))
+    if media_type == _JSON_MEDIA_TYPE:
+        inputs = SimilarInputs(_parse_json(SimilarRequest, await request.body()))
+    elif media_type in _FORM_MEDIA_TYPES:
+        form = await (_parse_multipart if media_type == _MULTIPART else _parse_urlencoded)(request, settings)
+        try:
+            texts = _read_texts(form)
+            if len(texts) > 1:
+                raise InvalidInputError(f"send one text (the listing's); got {len(texts)} texts")
+            inputs = SimilarInputs(_form_query(form, texts), await _read_images(form, settings))
+        finally:
+            await form.close()
+        if len(inputs.images) > settings.max_items_per_request:
+            raise TooManyInputsError(f"at most {settings.max_items_per_request} images per request; "
+                                     f"got {len(inputs.images)}")
+    else:
+        raise UnsupportedMediaTypeError('send application/json {"listing_id": ...} or {"text": ...}, or '
+                                        "multipart/form-data with photos ('image') and/or a field 'text'; "
+                                        f"got {media_type or 'a body without Content-Type'}")
+    query = inputs.query
+    if query.text is not None:
+        _check_texts([query.text], settings)
+    if query.listing_id is not None and (query.text is not None or inputs.images):
+        raise InvalidInputError("give either a listing_id or photos and/or a text, not both")
+    if query.listing_id is None and query.text is None and not inputs.images:
+        raise InvalidInputError("nothing to search with: give a listing_id, photos ('image') and/or a text")
+    return inputs

@@ -23,15 +23,21 @@ import asyncio
 import ctypes
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
+import numpy as np
 from PIL import Image
+from sqlalchemy import Engine
 
+from ..data.database import open_engine
 from ..data.errors import CorruptImageError, ImageTooLargeError
+from ..search import ListingIndex
+from ..search.build import load_index
 from .batching import BatcherFullError, MicroBatcher
 from .errors import (
     RETRY_AFTER_S,
@@ -59,6 +65,9 @@ _TRIM_AFTER_PIXELS = 16_000_000
 #: glibc's malloc_trim; None elsewhere (musl, macOS), where there is nothing to do.
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 # One listing: its decoded photos (none for a text) and its text (None without one).
 _Item = tuple[tuple[Image.Image, ...], str | None]
 
@@ -76,12 +85,21 @@ class ImageUpload:
 class _ServedModel:
     predictor: Predictor
     batcher: MicroBatcher[_Item, Prediction]
+    #: Micro-batches ``embed`` calls (/similar, /embed); None for a model without listing vectors.
+    embedder: MicroBatcher[_Item, np.ndarray] | None = None
 
 
 def _predict_items(predictor: Predictor, items: list[_Item]) -> list[Prediction]:
     """The batch function: one model call on listings (photos, text) already checked and decoded."""
     return predictor.predict_decoded([list(photos) for photos, _ in items],
                                      [text for _, text in items] if predictor.takes_texts else None)
+
+
+def _embed_items(predictor: Predictor, items: list[_Item]) -> list[np.ndarray]:
+    """The embedding batch function: one ``embed`` call on listings already checked and decoded."""
+    vectors = predictor.embed_decoded([list(photos) for photos, _ in items],
+                                      [text for _, text in items] if predictor.takes_texts else None)
+    return list(vectors)
 
 
 def _decode(predictor: Predictor, uploads: Sequence[ImageUpload]) -> list[Image.Image]:
@@ -146,6 +164,15 @@ class ModelPool:
         # Decoding is CPU-bound: more threads than cores would only hold more half-decoded photos in memory.
         self._decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
         self._pixels = PixelBudget(settings.max_pixels_in_flight)
+        #: The listing index behind /similar (None until loaded, or when none is configured) and the database
+        #: its listings' details come from.
+        self.index: ListingIndex | None = None
+        self.index_status_key = f"index {settings.index}" if settings.index else None
+        if self.index_status_key is not None:
+            self.status[self.index_status_key] = "loading"
+        self.engine: Engine | None = None
+        # Searches block (FAISS computes, pgvector waits on SQL): a few threads of their own, off the event loop.
+        self._searcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
         self._pixels_since_trim = 0
         self._loader: asyncio.Task[None] | None = None
 
@@ -163,8 +190,13 @@ class ModelPool:
             await asyncio.gather(self._loader, return_exceptions=True)
         for served in self._served.values():
             await served.batcher.stop()
+            if served.embedder is not None:
+                await served.embedder.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._searcher.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.dispose()
 
     async def _load_all(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,9 +216,68 @@ class ModelPool:
                 on_batch=partial(self._metrics.observe_batch, name),
             )
             batcher.start()
-            self._served[name] = _ServedModel(predictor, batcher)
+            embedder: MicroBatcher[_Item, np.ndarray] | None = None
+            if predictor.embeds:
+                embedder = MicroBatcher(
+                    partial(_embed_items, predictor),
+                    executor=self._executor,
+                    max_batch_size=self._settings.max_batch_size,
+                    max_wait_s=self._settings.max_batch_wait_ms / 1000,
+                    max_queued=self._settings.max_queued_inputs,
+                    on_batch=partial(self._metrics.observe_batch, name),
+                )
+                embedder.start()
+            self._served[name] = _ServedModel(predictor, batcher, embedder)
             self.status[name] = "ready"
             logger.info("model %r (%s, revision %s) is ready", name, predictor.model.model_type, predictor.revision)
+        if self.index_status_key is not None:
+            await self._load_index(loop)
+
+    async def _load_index(self, loop: asyncio.AbstractEventLoop) -> None:
+        settings = self._settings
+        try:
+            self.engine = open_engine(settings.db_url)
+            self.index = await loop.run_in_executor(
+                self._searcher, partial(load_index, settings.index, db_url=settings.db_url,
+                                        revision=settings.index_revision))
+        except Exception as exc:
+            logger.exception("cannot load the listing index %r", settings.index)
+            self.status[self.index_status_key] = f"failed: {exc}"  # type: ignore[index]
+            return
+        self.status[self.index_status_key] = "ready"  # type: ignore[index]
+        logger.info("listing index %r (%d listings of model %r) is ready", settings.index, len(self.index),
+                    self.index.embedding.model_name)
+
+    @property
+    def index_name(self) -> str:
+        """The configured listing index (``MARKETPLACE_INDEX``), as configured; empty without one."""
+        return self._settings.index or ""
+
+    def similar_model(self) -> str:
+        """The served model that embeds /similar queries: ``similar_model``, or the index's model."""
+        if self.index is None:
+            if self.index_status_key is None:
+                raise NoModelError("this server has no listing index behind /similar (set MARKETPLACE_INDEX)")
+            raise ModelNotReadyError(f"the listing index {self.index_name!r} is not ready: "
+                                     f"{self.status[self.index_status_key]}")
+        return self._settings.similar_model or self.index.embedding.model_name
+
+    def check_similar_model(self, predictor: Predictor) -> None:
+        """``ModelMismatchError`` unless ``predictor`` is the model revision that built the index. A model served
+        under the index's own name must match name and revision; one named by ``similar_model`` (e.g. the same
+        checkpoint served under another name) must match the revision, which identifies a checkpoint's content."""
+        assert self.index is not None
+        name = self.index.embedding.model_name if self._settings.similar_model else predictor.name
+        self.index.check_model(name, predictor.revision)
+
+    async def run_search(self, function: Callable[[], T]) -> T:
+        """Run a blocking index or database call off the event loop, within the request deadline."""
+        timeout_s = self._settings.inference_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.get_running_loop().run_in_executor(self._searcher, function)
+        except TimeoutError:
+            raise InferenceTimeoutError(timeout_s) from None
 
     def _load(self, name: str, revision: str | None) -> Predictor:
         predictor = Predictor.from_pretrained(name, revision, max_image_pixels=self._settings.max_image_pixels)
@@ -218,7 +309,7 @@ class ModelPool:
             return self._served[name]
         if name in self.status:
             raise ModelNotReadyError(f"model {name!r} is not ready: {self.status[name]}")
-        served = ", ".join(repr(known) for known in self.status) or "none"
+        served = ", ".join(repr(known) for known in self.status if known != self.index_status_key) or "none"
         raise NoModelError(f"no model {name!r} on this server; it serves: {served}")
 
     async def predict(self, endpoint: str, images: Sequence[ImageUpload], texts: Sequence[str], *, batch: bool,
@@ -247,10 +338,31 @@ class ModelPool:
             predictor.check_listings([len(photos) for photos in listings], listed_texts)
         except PredictorInputError as exc:
             raise InvalidInputError(str(exc)) from exc
+        return await self._guarded(name, served.batcher, served.predictor, listings, listed_texts or [None] * n)
+
+    async def embed(self, name: str, images: Sequence[ImageUpload], text: str | None) -> tuple[Predictor, np.ndarray]:
+        """One listing's unit vector (``[dim]``) from model ``name``: its photos and/or its text, checked, decoded
+        and micro-batched as predictions are."""
+        served = self._served_model(name)
+        predictor = served.predictor
+        if served.embedder is None:
+            raise InvalidInputError(f"model {name!r} ({predictor.model.model_type}) gives no listing vectors; "
+                                    "ask a torch model (image-classifier, text-cnn, fusion)")
+        texts = [text] if text is not None else ([None] if predictor.takes_texts else None)
+        try:
+            predictor.check_listings([len(images)], [text] if text is not None else None)
+        except PredictorInputError as exc:
+            raise InvalidInputError(str(exc)) from exc
+        vectors = await self._guarded(name, served.embedder, predictor, [list(images)], texts or [None])
+        return predictor, vectors[0]
+
+    async def _guarded(self, name: str, batcher: MicroBatcher[_Item, R], predictor: Predictor,
+                       listings: list[list[ImageUpload]], texts: list[str | None]) -> list[R]:
+        """Submit checked listings within the deadline; a full queue, a timeout or a broken output as API errors."""
         timeout_s = self._settings.inference_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._predict(served, listings, listed_texts or [None] * n)
+                return await self._predict(batcher, predictor, listings, texts)
         except TimeoutError:
             raise InferenceTimeoutError(timeout_s) from None
         except BatcherFullError as exc:
@@ -259,27 +371,27 @@ class ModelPool:
             logger.error("refused to answer: %s", exc)
             raise ModelOutputInvalidError(str(exc)) from None
 
-    async def _predict(self, served: _ServedModel, listings: list[list[ImageUpload]], texts: list[str | None]
-                       ) -> list[Prediction]:
+    async def _predict(self, batcher: MicroBatcher[_Item, R], predictor: Predictor,
+                       listings: list[list[ImageUpload]], texts: list[str | None]) -> list[R]:
         # Refused before anything is decoded when the queue is full already; submit_many checks again.
-        served.batcher.check_room(len(listings))
+        batcher.check_room(len(listings))
         uploads = [upload for photos in listings for upload in photos]
         if not uploads:
-            return await served.batcher.submit_many([((), text) for text in texts])
+            return await batcher.submit_many([((), text) for text in texts])
         pixels = sum(upload.pixels for upload in uploads)
         try:
             async with self._pixels.hold(pixels):
-                return await self._decode_and_submit(served, listings, texts)
+                return await self._decode_and_submit(batcher, predictor, listings, texts)
         finally:  # the decoded photos went with _decode_and_submit's frame
             self._give_memory_back_after(pixels)
 
-    async def _decode_and_submit(self, served: _ServedModel, listings: list[list[ImageUpload]],
-                                 texts: Sequence[str | None]) -> list[Prediction]:
+    async def _decode_and_submit(self, batcher: MicroBatcher[_Item, R], predictor: Predictor,
+                                 listings: list[list[ImageUpload]], texts: Sequence[str | None]) -> list[R]:
         loop = asyncio.get_running_loop()
         uploads = [upload for photos in listings for upload in photos]
-        decoded = iter(await loop.run_in_executor(self._decoder, _decode, served.predictor, uploads))
+        decoded = iter(await loop.run_in_executor(self._decoder, _decode, predictor, uploads))
         items = [(tuple(next(decoded) for _ in photos), text) for photos, text in zip(listings, texts, strict=True)]
-        return await served.batcher.submit_many(items)
+        return await batcher.submit_many(items)
 
     def _give_memory_back_after(self, pixels: int) -> None:
         """Have glibc return freed memory to the system once no request holds decoded pixels (module docstring)."""

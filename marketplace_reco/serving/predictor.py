@@ -155,6 +155,36 @@ class Predictor:
         return [self._prediction(row, known, bool(listing), text)
                 for row, known, listing, text in zip(proba, known_tokens, images, texts, strict=True)]
 
+    @property
+    def embeds(self) -> bool:
+        """Whether the model gives listing vectors (``embed``): the torch models do."""
+        return callable(getattr(self.model, "embed", None))
+
+    def embed(self, image: ImageSource | Sequence[ImageSource] | None = None, text: str | None = None) -> np.ndarray:
+        """``[dim]`` the unit vector of one listing from its photo or photos and/or its text (``model.embed``)."""
+        listing = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        texts = None if text is None else [text]
+        self.check_listings([len(listing)], texts)
+        return self.embed_decoded([[self.load_image(photo) for photo in listing]], texts)[0]
+
+    def embed_decoded(self, images: list[list[Image.Image]], texts: list[str | None] | None) -> np.ndarray:
+        """``[n, dim]`` unit vectors of listings already checked and decoded (the embedding micro-batcher's entry
+        point); raises ``ModelOutputError`` rather than answer with a vector that is not finite."""
+        if not self.embeds:
+            raise PredictorInputError(f"model {self.name!r} ({self.model.model_type}) gives no listing vectors")
+        if self.input_kind == "image":
+            vectors = self.model.embed(images=images)
+        elif self.input_kind == "text":
+            vectors = self.model.embed(texts=texts)
+        else:
+            vectors = self.model.embed(images=[listing or None for listing in images],
+                                       texts=texts if texts is not None else [None] * len(images))
+        invalid = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if invalid.size:
+            raise ModelOutputError(f"model {self.name!r} (revision {self.revision}) returned vectors that are not "
+                                   f"finite numbers for {invalid.size} of its {len(vectors)} inputs")
+        return vectors
+
     def _known_tokens(self, texts: list[str | None]) -> list[int | None]:
         # Text models count the words of each text they have a vector for (``known_token_counts``).
         count = getattr(self.model, "known_token_counts", None)

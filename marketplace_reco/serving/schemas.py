@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, Field
 
+from ..search import MAX_K
+
 
 class Prediction(BaseModel):
     """One answer: the most probable class, every class ranked, and the model that answered."""
@@ -75,3 +77,48 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     models: dict[str, str] = Field(description="model name -> 'loading', 'ready' or 'failed: <reason>'")
+
+
+class SimilarRequest(BaseModel):
+    """The query of ``POST /similar`` (a JSON body, or the same names as form fields beside the photos): a listing of
+    the index by id, or a text (with photos, in a form), ``k`` and optional filters."""
+
+    listing_id: str | None = Field(None, min_length=1, description="a listing of the index: its neighbours, "
+                                                                     "never itself")
+    text: str | None = Field(None, min_length=1, validation_alias=AliasChoices("text", "txt"),
+                             description="a listing's title and description")
+    k: int = Field(10, ge=1, le=MAX_K, description=f"how many listings to answer (1 to {MAX_K})")
+    category: str | None = Field(None, min_length=1, description="category path prefix, e.g. 'Home & Garden'")
+    min_price: float | None = Field(None, ge=0, description="lowest price in pounds (inclusive)")
+    max_price: float | None = Field(None, ge=0, description="highest price in pounds (inclusive)")
+    location: str | None = Field(None, min_length=1, description="a substring of the listing's location, any case")
+
+
+class SimilarListing(BaseModel):
+    """One similar listing."""
+
+    listing_id: str
+    name: str
+    category: str | None
+    price: float | None = Field(description="pounds; null when the listing has no price")
+    score: float = Field(description="cosine similarity to the query, in [-1, 1]; higher is more similar")
+    image_ids: list[str] = Field(description="the listing's photo ids")
+
+
+class SimilarResponse(BaseModel):
+    """The most similar listings, best first, each once, never the query's own listing."""
+
+    model: str = Field(description="the model that embedded the query (and built the index)")
+    revision: str
+    index: str = Field(description="the listing index searched")
+    query_listing_id: str | None = None
+    results: list[SimilarListing]
+
+
+class EmbedResponse(BaseModel):
+    """A listing's vector: unit length, comparable by inner product with the vectors of an index of the same model."""
+
+    model: str
+    revision: str
+    dim: int
+    vector: list[float]

@@ -55,6 +55,16 @@ class ServingSettings(BaseSettings):
                     "input kind when asked by name: POST /image?model=<name>",
     )
 
+    index: str | None = Field(
+        None, description="listing index behind /similar: a FAISS index (name under the checkpoints folder, folder, "
+                          "s3:// or hub repo id) or pgvector:<table> in the db_url database")
+    index_revision: str | None = None
+    similar_model: str | None = Field(
+        None, description="served model that embeds /similar and /embed queries (default: the index's model, "
+                          "which must then be served: an endpoint model or one of extra_models)")
+    db_url: str | None = Field(None, description="marketplace database the index's listings are read from "
+                                                 "(default: marketplace_reco.settings.default_db_url())")
+
     host: str = "127.0.0.1"
     port: int = Field(8008, ge=0, le=65535)
 

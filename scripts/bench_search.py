@@ -494,7 +494,8 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
         if args.image_model:
             image_model = load_model(args.image_model)
             models_used.append(f"image: `{args.image_model}` ({image_model.model_type}, "
-                               f"{getattr(image_model, 'backbone_name', '')}, revision {image_model.source['revision']})")
+                               f"{getattr(image_model, 'backbone_name', '')}, "
+                               f"revision {image_model.source['revision']})")
             started = time.perf_counter()
             photo_ids, owners, features = image_features(image_model, catalogue, store)
             seconds = time.perf_counter() - started
@@ -533,7 +534,8 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
                 keep = [bool(photos) or bool(text) for photos, text in zip(images, texts)]
                 vectors.append((rows["listing_id"][keep].tolist(), fusion.embed(
                     images=[p for p, k in zip(images, keep) if k], texts=[t for t, k in zip(texts, keep) if k])))
-            embedded["fusion"] = Embedded([i for ids, _ in vectors for i in ids], np.concatenate([v for _, v in vectors]))
+            embedded["fusion"] = Embedded([i for ids, _ in vectors for i in ids],
+                                          np.concatenate([v for _, v in vectors]))
             build_rows.append(["fusion", len(embedded["fusion"].ids), f"{time.perf_counter() - started:.1f}"])
         elif "image" in embedded and "text" in embedded:
             # FusionClassifier.embed: [image part | text part], each part x 1/sqrt(2) when both are present.

@@ -3,9 +3,9 @@ fine-tuned transformer.
 
 Every row is trained on the same product split per seed and evaluated on that split's held-out test
 products; the table gives mean ± standard deviation over the seeds of accuracy, macro-F1 and training
-time (word2vec + CNN for the CNN rows, fine-tuning for the transformer), printed and written to reports/bench_text.md. Each finished
-(seed, model) result is also appended to a journal beside the report (bench_text.jsonl), so a long run that
-is stopped loses nothing: ``--resume`` reuses the journal's results and trains only what is missing.
+time (word2vec + CNN for the CNN rows, fine-tuning for the transformer), printed and written to
+reports/bench_text.md. Each finished (seed, model) result is also appended to a journal beside the report
+(bench_text.jsonl), so a long run that is stopped loses nothing: ``--resume`` reuses the journal's results and trains only what is missing.
 
 Examples:
     python scripts/bench_text.py                                  # ../shared/marketplace, seeds 0 1 2
@@ -53,7 +53,8 @@ TFIDF_ROWS = ("tfidf-svm", "tfidf-svm-plain")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train TF-IDF + LinearSVC, word2vec + text CNN (frozen and fine-tuned embedding) and a fine-tuned "
-                    "transformer on the same product splits of the real listings, and report held-out accuracy, macro-F1 and training time.",
+                    "transformer on the same product splits of the real listings, and report held-out accuracy, "
+                    "macro-F1 and training time.",
     )
     add_export_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],

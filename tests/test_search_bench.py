@@ -13,7 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_search.py"
 def test_the_benchmark_reports_every_section(pgvector_url: str, tmp_path: Path) -> None:
     report = tmp_path / "bench_search.md"
     result = subprocess.run([
-        sys.executable, str(SCRIPT), "--n", "3000", "--dim", "32", "--queries", "20", "--latency-queries", "5", "--ef-search", "16", "64",
+        sys.executable, str(SCRIPT), "--n", "3000", "--dim", "32", "--queries", "20", "--latency-queries", "5",
+        "--ef-search", "16", "64",
         "--crossover-dims", "16", "--crossover-sizes", "100", "200", "--pg-n", "400", "--pg-url", pgvector_url,
         "--pg-ef-search", "40", "--pg-memory", "64MB", "--pg-workers", "0", "--output", str(report),
     ], capture_output=True, text=True, timeout=900, check=False)

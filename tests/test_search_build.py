@@ -236,6 +236,6 @@ def test_build_index_under_torchrun_each_rank_writes_its_pgvector_rows(embedding
     index = load_index("pgvector:listing_embeddings", db_url=pgvector_url)
     assert len(index) == 26 and index.embedding.model_name == TEXT_MODEL and index.kind == "hnsw"
     catalogue = read_catalogue(open_engine(pgvector_url))
+    text_model = load_model(str(embedding_checkpoints / TEXT_MODEL))
     np.testing.assert_allclose(index.get_vectors(catalogue["listing_id"].tolist()),
-                               load_model(str(embedding_checkpoints / TEXT_MODEL)).embed(texts=catalogue["text"].tolist()),
-                               atol=1e-5)
+                               text_model.embed(texts=catalogue["text"].tolist()), atol=1e-5)

@@ -106,7 +106,8 @@ def test_similar_to_a_listing_never_answers_itself(client: httpx.Client, catalog
 def test_a_listings_own_photos_and_text_find_it_first(client: httpx.Client, catalogue, sample: dict) -> None:  # type: ignore[no-untyped-def]
     listing = next(listing_id for listing_id, row in catalogue.iterrows() if len(row["image_ids"]) >= 2)
     row = catalogue.loc[listing]
-    files = [("image", (f"{image_id}.jpg", photo_bytes(sample, image_id), "image/jpeg")) for image_id in row["image_ids"]]
+    files = [("image", (f"{image_id}.jpg", photo_bytes(sample, image_id), "image/jpeg"))
+             for image_id in row["image_ids"]]
     response = client.post("/similar", files=files, data={"text": row["text"], "k": "5"})
     assert response.status_code == 200, response.text
     results = response.json()["results"]

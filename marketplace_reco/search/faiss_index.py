@@ -4,14 +4,16 @@ Structure. Rows are appended and never renumbered between compactions: FAISS id 
 ``IndexFlatIP``; approximate search is ``IndexHNSWFlat`` (inner product). With ``kind="auto"`` (the default) the
 index stays exact while ``listings x dim <= exact_max_components`` and builds an HNSW graph once, inside the
 ``add``/``upsert`` that crosses it (about 600 vectors a second at dim 384 on two busy cores, so seconds at the
-crossover: see reports/bench_search.md); it never goes back to exact by itself. ``kind="exact"`` or ``"hnsw"`` fixes the structure.
+crossover: see reports/bench_search.md); it never goes back to exact by itself. ``kind="exact"`` or ``"hnsw"``
+fixes the structure.
 
 Updates without a rebuild. ``add`` appends rows (HNSW links them into the graph). ``delete`` marks rows deleted
 (a tombstone) and searches skip them through a FAISS ID selector; HNSW cannot remove nodes, and a deleted node
 still routes searches. ``upsert`` is a delete of the old row plus an add. Compaction (dropping deleted rows, so
 renumbering) happens automatically for the exact structure when deleted rows pass a quarter of the stored rows
 (a copy of the vectors: cheap), and for HNSW only when ``compact()`` is called, because it rebuilds the graph
-(29 minutes for a million vectors of dim 384 here): call it when ``deleted_rows`` has grown large, e.g. after a nightly re-embedding.
+(29 minutes for a million vectors of dim 384 here): call it when ``deleted_rows`` has grown large, e.g. after a
+nightly re-embedding.
 
 Filters. The FAISS backend takes ``SearchFilters.allowed_ids`` only (the API resolves category, price and location
 filters to an allow-list from the database). When the allowed listings are few enough for exact search

@@ -103,16 +103,22 @@ class _Branches:
         self.splits = splits
         self.args = args
         self.trunk_outputs = trunk_outputs
+        #: The branches this run has trained and saved.
+        self.trained: set[str] = set()
         self.seconds: dict[str, float] = {}
 
     def _kept(self, name: str) -> Any | None:
+        """The branch trained earlier in this run (or, with --resume, in an earlier run), reloaded."""
         path = self.folder / name
-        return load_model(str(path)) if self.args.resume and (path / "config.json").is_file() else None
+        if name in self.trained or (self.args.resume and (path / "config.json").is_file()):
+            return load_model(str(path))  # with its source recorded, as a fusion model wants
+        return None
 
     def _keep(self, model: Any, name: str) -> Any:
         model.data_summary = split_summary(self.splits, self.args.seed)
         model.save_pretrained(self.folder / name)
-        return load_model(str(self.folder / name))  # with its source recorded, as a fusion model wants
+        self.trained.add(name)
+        return self._kept(name)
 
     def image(self) -> ImageClassifier:
         kept = self._kept("image")

@@ -45,10 +45,11 @@ def listing_photo_embeddings(images: Sequence[ListingImages], photo_features: Ca
                              who: str) -> np.ndarray:
     """[n_listings, width] unit vectors: each listing's photos' features (``photo_features``) averaged, then
     normalised. Every listing needs at least one photo; ``who`` names the model in the error."""
+    if len(images) == 0:
+        raise ModelConfigError(f"{who}.embed needs images=[...] (a photo or a list of photos each)")
     photos, owners = listing_groups(images)
     counts = np.bincount(owners, minlength=len(images))
-    if len(images) == 0 or not counts.all():
-        missing = int(np.flatnonzero(counts == 0)[0]) if len(images) else 0
-        raise ModelConfigError(f"{who}.embed needs at least one photo per listing; listing {missing} has none"
-                         if len(images) else f"{who}.embed needs images=[...] (a photo or a list of photos each)")
+    if not counts.all():
+        raise ModelConfigError(f"{who}.embed needs at least one photo per listing; listing "
+                               f"{int(np.flatnonzero(counts == 0)[0])} has none")
     return l2_normalize_rows(mean_by_listing(photo_features(photos), owners, len(images)))

@@ -226,12 +226,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         return np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), dtype=np.float32)
 
     def _embed_chunk(self, images: list[ListingImages], texts: list[str | None]) -> np.ndarray:
-        _, owners = listing_groups(images)
-        has_image = np.bincount(owners, minlength=len(images)) > 0
-        has_text = np.array([bool(text and text.strip()) for text in texts])
-        missing = ~(has_image | has_text)
-        if missing.any():
-            raise ModelConfigError(f"listing {int(np.flatnonzero(missing)[0])} has neither a photo nor a text")
+        _, _, has_image, has_text = _present_inputs(images, texts)
         image_dim = self.image_branch.embedding_dim
         vectors = np.zeros((len(texts), self.embedding_dim), dtype=np.float32)
         if has_image.any():
@@ -244,12 +239,7 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         return vectors
 
     def _predict_chunk(self, images: list[ListingImages], texts: list[str | None]) -> np.ndarray:
-        photos, owners = listing_groups(images)
-        has_image = np.bincount(owners, minlength=len(images)) > 0
-        has_text = np.array([bool(text and text.strip()) for text in texts])
-        missing = ~(has_image | has_text)
-        if missing.any():
-            raise ModelConfigError(f"listing {int(np.flatnonzero(missing)[0])} has neither a photo nor a text")
+        photos, owners, has_image, has_text = _present_inputs(images, texts)
         text_inputs = [text if present else "" for text, present in zip(texts, has_text, strict=True)]
         if self.head_kind == "late":
             return self._late_proba(photos, owners, text_inputs, has_image, has_text)
@@ -286,6 +276,19 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
         finally:
             self.train(was_training)
         return torch.softmax(logits, dim=1).numpy()
+
+
+def _present_inputs(images: list[ListingImages], texts: list[str | None]
+                    ) -> tuple[list[Image.Image], np.ndarray, np.ndarray, np.ndarray]:
+    """The listings' photos and each photo's listing, and which listings have a photo and which a text; a listing
+    with neither is an error."""
+    photos, owners = listing_groups(images)
+    has_image = np.bincount(owners, minlength=len(images)) > 0
+    has_text = np.array([bool(text and text.strip()) for text in texts], dtype=bool)
+    missing = ~(has_image | has_text)
+    if missing.any():
+        raise ModelConfigError(f"listing {int(np.flatnonzero(missing)[0])} has neither a photo nor a text")
+    return photos, owners, has_image, has_text
 
 
 def _paired(images: Sequence[ListingImages] | None, texts: Sequence[str | None] | None,

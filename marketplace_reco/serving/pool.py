@@ -207,31 +207,27 @@ class ModelPool:
                 logger.exception("cannot load model %r", name)
                 self.status[name] = f"failed: {exc}"
                 continue
-            batcher: MicroBatcher[_Item, Prediction] = MicroBatcher(
-                partial(_predict_items, predictor),
-                executor=self._executor,
-                max_batch_size=self._settings.max_batch_size,
-                max_wait_s=self._settings.max_batch_wait_ms / 1000,
-                max_queued=self._settings.max_queued_inputs,
-                on_batch=partial(self._metrics.observe_batch, name),
-            )
-            batcher.start()
-            embedder: MicroBatcher[_Item, np.ndarray] | None = None
-            if predictor.embeds:
-                embedder = MicroBatcher(
-                    partial(_embed_items, predictor),
-                    executor=self._executor,
-                    max_batch_size=self._settings.max_batch_size,
-                    max_wait_s=self._settings.max_batch_wait_ms / 1000,
-                    max_queued=self._settings.max_queued_inputs,
-                    on_batch=partial(self._metrics.observe_batch, name),
-                )
-                embedder.start()
+            batcher: MicroBatcher[_Item, Prediction] = self._started_batcher(partial(_predict_items, predictor), name)
+            embedder: MicroBatcher[_Item, np.ndarray] | None = (
+                self._started_batcher(partial(_embed_items, predictor), name) if predictor.embeds else None)
             self._served[name] = _ServedModel(predictor, batcher, embedder)
             self.status[name] = "ready"
             logger.info("model %r (%s, revision %s) is ready", name, predictor.model.model_type, predictor.revision)
         if self.index_status_key is not None:
             await self._load_index(loop)
+
+    def _started_batcher(self, process: Callable[[list[_Item]], Sequence[R]], name: str) -> MicroBatcher[_Item, R]:
+        """A running micro-batcher of ``process`` with the server's batch limits, its batches counted for ``name``."""
+        batcher: MicroBatcher[_Item, R] = MicroBatcher(
+            process,
+            executor=self._executor,
+            max_batch_size=self._settings.max_batch_size,
+            max_wait_s=self._settings.max_batch_wait_ms / 1000,
+            max_queued=self._settings.max_queued_inputs,
+            on_batch=partial(self._metrics.observe_batch, name),
+        )
+        batcher.start()
+        return batcher
 
     async def _load_index(self, loop: asyncio.AbstractEventLoop) -> None:
         settings = self._settings

@@ -292,7 +292,7 @@ def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitabl
 
 
 #: Form fields of ``/similar`` besides the photos and the text: ``SimilarRequest``'s other fields.
-SIMILAR_FORM_FIELDS = ("listing_id", "k", "category", "min_price", "max_price", "location")
+SIMILAR_FORM_FIELDS = tuple(name for name in SimilarRequest.model_fields if name != "text")
 
 
 @dataclass

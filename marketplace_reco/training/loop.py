@@ -145,7 +145,7 @@ def fit(
             with no_sync:
                 with _autocast(context, autocast_dtype):
                     loss = loss_fn(_forward(model, _to_device(inputs, context.device)).float(), targets)
-                (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
+                (loss / accumulation_steps).backward()
             if steps_now:
                 if max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
@@ -191,6 +191,15 @@ def fit(
                      stopped_early=len(history) < epochs)
 
 
+def _parameters_by_rate(model: nn.Module, learning_rate: float, part_learning_rates: Sequence[tuple[nn.Module, float]]
+                        ) -> list[tuple[list[nn.Parameter], float]]:
+    """The trainable parameters with their peak LR: each part's own, ``learning_rate`` for the rest (first)."""
+    parts = [([p for p in part.parameters() if p.requires_grad], rate) for part, rate in part_learning_rates]
+    claimed = {id(p) for params, _ in parts for p in params}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    return [(rest, learning_rate), *parts]
+
+
 def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: float, total_steps: int,
                     part_learning_rates: Sequence[tuple[nn.Module, float]] = ()
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
@@ -203,10 +212,8 @@ def one_cycle_adamw(model: nn.Module, *, learning_rate: float, weight_decay: flo
     """
     if total_steps < 1:
         raise ModelConfigError(f"a training run needs at least one step (epochs x batches), not {total_steps}")
-    parts = [([p for p in part.parameters() if p.requires_grad], rate) for part, rate in part_learning_rates]
-    claimed = {id(p) for params, _ in parts for p in params}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    groups = [{"params": params, "lr": rate} for params, rate in [(rest, learning_rate), *parts] if params]
+    groups = [{"params": params, "lr": rate}
+              for params, rate in _parameters_by_rate(model, learning_rate, part_learning_rates) if params]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in groups],
                                                     total_steps=total_steps)
@@ -227,11 +234,8 @@ def warmup_linear_adamw(model: nn.Module, *, learning_rate: float, weight_decay:
         raise ModelConfigError(f"a training run needs at least one step (epochs x batches), not {total_steps}")
     if not 0.0 <= warmup_fraction < 1.0:
         raise ModelConfigError(f"warmup_fraction must be in [0, 1), not {warmup_fraction}")
-    parts = [([p for p in part.parameters() if p.requires_grad], rate) for part, rate in part_learning_rates]
-    claimed = {id(p) for params, _ in parts for p in params}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
     groups = []
-    for params, rate in [(rest, learning_rate), *parts]:
+    for params, rate in _parameters_by_rate(model, learning_rate, part_learning_rates):
         for decay, chosen in ((weight_decay, [p for p in params if p.ndim > 1]),
                               (0.0, [p for p in params if p.ndim <= 1])):
             if chosen:

@@ -7,6 +7,8 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from .metrics import expected_calibration_error
+
 
 def fit_temperature(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> float:
     """The T minimising the negative log-likelihood of softmax(scores / T) on held-out data (searched over log T).
@@ -36,3 +38,15 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray |
             return float(-np.log(np.maximum(mean[np.arange(len(sizes)), group_labels], 1e-300)).mean())
 
     return float(np.exp(minimize_scalar(_nll, bounds=(-6.0, 6.0), method="bounded").x))
+
+
+def calibrate_on_texts(scores: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, object]]:
+    """The temperature fitted on validation texts' ``scores`` (logits or log-probabilities) and its record for a
+    training run's metrics: the expected calibration error before and after."""
+    temperature = fit_temperature(scores, labels)
+    return temperature, {
+        "temperature": temperature,
+        "fitted_on": "validation texts",
+        "validation_ece_before": expected_calibration_error(labels, softmax(scores, axis=1)),
+        "validation_ece_after": expected_calibration_error(labels, softmax(scores / temperature, axis=1)),
+    }

@@ -11,17 +11,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..data.dataset import Marketplace
 from ..models.text_cnn import TextCNN
 from ..models.word2vec import PAD_INDEX
-from .calibration import fit_temperature
+from .calibration import calibrate_on_texts
 from .distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
 from .loop import FitResult, fit, one_cycle_adamw
-from .metrics import expected_calibration_error
 from .runs import TrainResult
 
 # Training batches are formed within runs of this many batches sorted by length.
@@ -180,7 +178,7 @@ def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainCo
     val_scores = np.log(np.maximum(model.predict_member_proba(val_split.products["text"].tolist()).mean(axis=1),
                                    1e-12))
     val_labels = val_split.label_indices
-    temperature = fit_temperature(val_scores, val_labels)
+    temperature, calibration = calibrate_on_texts(val_scores, val_labels)
     model.calibrate(temperature)
     return TrainResult(
         history=[{**row, "member": index + 1} for index, result in enumerate(results) for row in result.history],
@@ -188,12 +186,6 @@ def train(model: TextCNN, splits: dict[str, Marketplace], config: TextCNNTrainCo
             "best_epochs": [result.best_epoch for result in results],
             "member_validation_accuracy": [result.history[result.best_epoch - 1]["val_accuracy"] for result in results],
             "validation_accuracy": float((val_scores.argmax(axis=1) == val_labels).mean()),
-            "calibration": {
-                "temperature": temperature,
-                "fitted_on": "validation texts",
-                "validation_ece_before": expected_calibration_error(val_labels, np.exp(val_scores)),
-                "validation_ece_after": expected_calibration_error(val_labels,
-                                                                   softmax(val_scores / temperature, axis=1)),
-            },
+            "calibration": calibration,
         },
     )

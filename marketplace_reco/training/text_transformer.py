@@ -19,17 +19,15 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import Marketplace
 from ..models.errors import ModelConfigError
 from ..models.text_transformer import TextTransformerClassifier, pad_batch
-from .calibration import fit_temperature
+from .calibration import calibrate_on_texts
 from .distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
 from .loop import fit, warmup_linear_adamw
-from .metrics import expected_calibration_error
 from .runs import TrainResult
 from .text_cnn import LengthBucketBatchSampler
 
@@ -152,7 +150,7 @@ def train(model: TextTransformerClassifier, splits: dict[str, Marketplace], conf
     model.eval()
     val_texts, val_labels = splits["val"].products["text"].tolist(), splits["val"].label_indices
     val_logits = model.logits(val_texts)
-    temperature = fit_temperature(val_logits, val_labels)
+    temperature, calibration = calibrate_on_texts(val_logits, val_labels)
     model.calibrate(temperature)
     return TrainResult(
         history=result.history,
@@ -160,13 +158,7 @@ def train(model: TextTransformerClassifier, splits: dict[str, Marketplace], conf
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
             "validation_accuracy": float((val_logits.argmax(axis=1) == val_labels).mean()),
-            "calibration": {
-                "temperature": temperature,
-                "fitted_on": "validation texts",
-                "validation_ece_before": expected_calibration_error(val_labels, softmax(val_logits, axis=1)),
-                "validation_ece_after": expected_calibration_error(val_labels,
-                                                                   softmax(val_logits / temperature, axis=1)),
-            },
+            "calibration": calibration,
             "trained_parameters": trainable,
         },
     )

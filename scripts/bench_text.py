@@ -5,7 +5,8 @@ Every row is trained on the same product split per seed and evaluated on that sp
 products; the table gives mean ± standard deviation over the seeds of accuracy, macro-F1 and training
 time (word2vec + CNN for the CNN rows, fine-tuning for the transformer), printed and written to
 reports/bench_text.md. Each finished (seed, model) result is also appended to a journal beside the report
-(bench_text.jsonl), so a long run that is stopped loses nothing: ``--resume`` reuses the journal's results and trains only what is missing.
+(bench_text.jsonl), so a long run that is stopped loses nothing: ``--resume`` reuses the journal's results and
+trains only what is missing.
 
 Examples:
     python scripts/bench_text.py                                  # ../shared/marketplace, seeds 0 1 2
@@ -110,15 +111,18 @@ def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbe
     return model.predict_member_proba(splits["test"].products["text"].tolist()), seconds
 
 
-def _text_transformer(splits: dict[str, Marketplace], seed: int, encoder: str) -> tuple[np.ndarray, float]:
+def _text_transformer(splits: dict[str, Marketplace], seed: int, encoder: str) -> tuple[np.ndarray, float, dict]:
     """The text transformer fine-tuned with the library's (and the training script's) defaults: its test
-    probabilities and the training seconds."""
+    probabilities, the training seconds and what validation chose (the kept epoch, its accuracy, every epoch's)."""
     torch.manual_seed(seed)
     started = time.perf_counter()
     model = TextTransformerClassifier(splits["train"].classes, encoder=encoder)
-    text_transformer.train(model, splits, text_transformer.TextTransformerTrainConfig(seed=seed))
+    trained = text_transformer.train(model, splits, text_transformer.TextTransformerTrainConfig(seed=seed))
     seconds = time.perf_counter() - started
-    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds
+    validation = {"best_epoch": trained.metrics["best_epoch"],
+                  "validation_accuracy": trained.metrics["validation_accuracy"],
+                  "validation_accuracy_by_epoch": [row["val_accuracy"] for row in trained.history]}
+    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds, validation
 
 
 def _ensembles(labels: np.ndarray, member_scores: np.ndarray, sizes: list[int], classes: list[str],
@@ -172,8 +176,13 @@ def _report_body(results: dict[str, list[dict[str, float]]], args: argparse.Name
         "plus k members' share of the CNN time.",
         (f"- `text-transformer`: {args.encoder} fine-tuned with scripts/train_text_transformer.py's defaults (256 "
          "word pieces, head 192 + tail, batch 32, peak LR 1e-4 and 10x for the head, 10% warm-up then linear decay, "
-         "frozen word embeddings, label smoothing 0.1, bf16 autocast, at most 5 epochs, the best validation epoch "
-         "kept)."),
+         f"frozen word embeddings, label smoothing 0.1, bf16 autocast, at most "
+         f"{text_transformer.TextTransformerTrainConfig.epochs} epochs, the best validation epoch kept)."
+         + "".join(f" Seed {seed}: validation accuracy by epoch "
+                   f"{' '.join(f'{a:.3f}' for a in run['validation_accuracy_by_epoch'])}, "
+                   f"epoch {run['best_epoch']} kept."
+                   for seed, run in zip(args.seeds, results.get("text-transformer", []))
+                   if "validation_accuracy_by_epoch" in run)),
         *([f"- {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the "
            f"journal {journal.name} (`--resume`), their times from the run that made them."] if reused_runs else []),
     ])
@@ -213,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
                 scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
             elif name == "text-transformer":
-                proba, seconds = _text_transformer(splits, seed, args.encoder)
+                proba, seconds, validation = _text_transformer(splits, seed, args.encoder)
                 metrics = evaluate(splits["test"].label_indices, proba, marketplace.classes)
-                scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
+                scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
+                                 **validation}}
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows
                     started = time.perf_counter()

@@ -141,6 +141,36 @@ def test_embed_returns_the_models_vector(client: httpx.Client, checkpoints: Path
                                atol=1e-5)
 
 
+def test_embed_batch_answers_each_listing_in_order(client: httpx.Client, checkpoints: Path, catalogue,
+                                                  sample: dict) -> None:  # type: ignore[no-untyped-def]
+    rows = catalogue.iloc[:3]
+    photos = [photo_bytes(sample, row["image_ids"][0]) for _, row in rows.iterrows()]
+    answer = client.post("/embed/batch", files=[("image", (f"p{i}.jpg", photo, "image/jpeg"))
+                                                for i, photo in enumerate(photos)],
+                         data={"text": rows["text"].tolist()}).json()
+    fusion = load_model(str(checkpoints / FUSION_MODEL))
+    expected = fusion.embed(images=[[load_image(photo)] for photo in photos], texts=rows["text"].tolist())
+    assert answer["model"] == FUSION_MODEL and answer["dim"] == fusion.embedding_dim
+    np.testing.assert_allclose(answer["vectors"], expected, atol=1e-5)
+    single = client.post("/embed", files={"image": ("p.jpg", photos[1], "image/jpeg")},
+                         data={"text": rows["text"].iloc[1]}).json()["vector"]
+    np.testing.assert_allclose(answer["vectors"][1], single, atol=1e-5)
+    texts = client.post("/embed/batch", params={"model": TEXT_MODEL}, json={"texts": rows["text"].tolist()}).json()
+    np.testing.assert_allclose(texts["vectors"], load_model(str(checkpoints / TEXT_MODEL)).embed(
+        texts=rows["text"].tolist()), atol=1e-5)
+
+
+def test_embed_batch_refuses_unpaired_or_missing_inputs(client: httpx.Client, catalogue, sample: dict) -> None:  # type: ignore[no-untyped-def]
+    photo = photo_bytes(sample, catalogue.iloc[0]["image_ids"][0])
+    assert "pairs the i-th photo" in error_message(
+        client.post("/embed/batch", files=[("image", ("p.jpg", photo, "image/jpeg"))], data={"text": ["a", "b"]}),
+        422, "invalid_input")
+    assert "texts" in error_message(client.post("/embed/batch", json={"texts": []}), 422, "invalid_request")
+    assert "missing" in error_message(client.post("/embed/batch", data={"k": "3"}), 422, "invalid_input")
+    assert "does not take texts" in error_message(
+        client.post("/embed/batch", params={"model": IMAGE_MODEL}, json={"texts": ["sofa"]}), 422, "invalid_input")
+
+
 def test_concurrent_queries_are_micro_batched_and_answered_alike(client: httpx.Client, server: LoopbackServer,
                                                                  catalogue) -> None:  # type: ignore[no-untyped-def]
     texts = catalogue["text"].tolist()[:16]
@@ -251,6 +281,7 @@ def test_similar_and_embed_want_the_servers_api_key(checkpoints: Path, sample: d
                                    db_url=sample["db_url"], torch_threads=1, api_keys=[key])
         with LoopbackServer(create_app(settings)) as running, httpx.Client(base_url=running.url) as http:
             running.wait_ready()
-            for path in ("/similar", "/embed"):
-                error_message(http.post(path, json={"text": "oak table"}), 401, "unauthorized")
-                assert http.post(path, json={"text": "oak table"}, headers={"X-API-Key": key}).status_code == 200
+            for path, body in (("/similar", {"text": "oak table"}), ("/embed", {"text": "oak table"}),
+                               ("/embed/batch", {"texts": ["oak table"]})):
+                error_message(http.post(path, json=body), 401, "unauthorized")
+                assert http.post(path, json=body, headers={"X-API-Key": key}).status_code == 200

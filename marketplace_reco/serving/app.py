@@ -26,7 +26,8 @@ from .settings import ServingSettings
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """Predicts the root category of a second-hand marketplace listing from its photo (`/image`),
-its text (`/text`) or both (`/combined`), and finds similar listings (`/similar`, `/embed`) in a listing index.
+its text (`/text`) or both (`/combined`), and finds similar listings (`/similar`) in a listing index, whose vectors
+`/embed` and `/embed/batch` return.
 Every error is JSON: `{"error": {"code": ..., "message": ...}}`.
 A server configured with API keys wants one on every route but `/health`, `/ready` and these docs:
 `Authorization: Bearer <key>` or `X-API-Key: <key>`."""

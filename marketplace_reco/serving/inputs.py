@@ -267,20 +267,24 @@ def form_inputs(endpoint: str, *, images: bool, texts: bool, batch: bool
     return read
 
 
+async def _json_texts(request: Request, settings: ServingSettings, endpoint: str, *, batch: bool) -> PredictInputs:
+    body = await request.body()
+    if batch:
+        inputs = PredictInputs(texts=_parse_json(TextBatchRequest, body).texts)
+    else:
+        inputs = PredictInputs(texts=[_parse_json(TextRequest, body).text])
+    _check_count(inputs, batch, endpoint, settings.max_items_per_request)
+    _check_texts(inputs.texts, settings)
+    return inputs
+
+
 def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitable[PredictInputs]]:
     """A dependency reading the texts of ``/text[/batch]``: JSON (``{"text": ...}``, ``{"texts": [...]}``) or a form."""
 
     async def read(request: Request, settings: SettingsDep) -> PredictInputs:
         media_type = _media_type(request.headers.get("content-type"))
         if media_type == _JSON_MEDIA_TYPE:
-            body = await request.body()
-            if batch:
-                inputs = PredictInputs(texts=_parse_json(TextBatchRequest, body).texts)
-            else:
-                inputs = PredictInputs(texts=[_parse_json(TextRequest, body).text])
-            _check_count(inputs, batch, "text", settings.max_items_per_request)
-            _check_texts(inputs.texts, settings)
-            return inputs
+            return await _json_texts(request, settings, "text", batch=batch)
         if media_type in _FORM_MEDIA_TYPES:
             inputs = await _read_form(request, settings, images=False, texts=True)
             return _check_count(inputs, batch, "text", settings.max_items_per_request)
@@ -289,6 +293,15 @@ def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitabl
                                         f"got {media_type or 'a body without Content-Type'}")
 
     return read
+
+
+async def embed_batch_inputs(request: Request, settings: SettingsDep) -> PredictInputs:
+    """The listings of ``/embed/batch``: JSON ``{"texts": [...]}``, or a form of photos ('image') and/or texts where
+    the i-th photo and the i-th text are listing i."""
+    if _media_type(request.headers.get("content-type")) == _JSON_MEDIA_TYPE:
+        return await _json_texts(request, settings, "embed", batch=True)
+    inputs = await _read_form(request, settings, images=True, texts=True, either=True)
+    return _check_count(inputs, True, "embed", settings.max_items_per_request)
 
 
 #: Form fields of ``/similar`` besides the photos and the text: ``SimilarRequest``'s other fields.

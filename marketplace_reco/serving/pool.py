@@ -102,6 +102,25 @@ def _embed_items(predictor: Predictor, items: list[_Item]) -> list[np.ndarray]:
     return list(vectors)
 
 
+def _checked_listings(predictor: Predictor, endpoint: str, images: Sequence[ImageUpload], texts: Sequence[str], *,
+                      batch: bool) -> tuple[list[list[ImageUpload]], list[str | None]]:
+    """The listings of a request, checked against what ``predictor`` takes: a single request's photos are one
+    listing's; a batch's i-th photo is listing i, with the i-th text. The texts are padded with None for the
+    listings without one (all None for a model that reads no text)."""
+    if batch and images and texts and len(images) != len(texts):
+        raise InvalidInputError(f"{endpoint}/batch pairs the i-th photo with the i-th text; got {len(images)} "
+                                f"photos and {len(texts)} texts")
+    listings = [[upload] for upload in images] if batch else [list(images)] if images else []
+    n = max(len(listings), len(texts))
+    listings += [[] for _ in range(n - len(listings))]  # listings with a text and no photo
+    padded: list[str | None] = [*texts, *[None] * (n - len(texts))]
+    try:
+        predictor.check_listings([len(photos) for photos in listings], padded if texts else None)
+    except PredictorInputError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    return listings, padded if predictor.takes_texts else [None] * n
+
+
 def _decode(predictor: Predictor, uploads: Sequence[ImageUpload]) -> list[Image.Image]:
     images = []
     for upload in uploads:
@@ -319,38 +338,24 @@ class ModelPool:
         if name is None:
             raise NoModelError(f"this server has no {endpoint} model (set MARKETPLACE_{endpoint.upper()}_MODEL)")
         served = self._served_model(name)
-        predictor = served.predictor
-        if predictor.input_kind != ENDPOINT_INPUT_KINDS[endpoint]:
-            raise InvalidInputError(f"model {name!r} takes {predictor.input_kind!r} inputs, "
+        if served.predictor.input_kind != ENDPOINT_INPUT_KINDS[endpoint]:
+            raise InvalidInputError(f"model {name!r} takes {served.predictor.input_kind!r} inputs, "
                                     f"not what /{endpoint} sends ({ENDPOINT_INPUT_KINDS[endpoint]!r})")
-        if batch and images and texts and len(images) != len(texts):
-            raise InvalidInputError(f"/{endpoint}/batch pairs the i-th photo with the i-th text; got {len(images)} "
-                                    f"photos and {len(texts)} texts")
-        listings = [[upload] for upload in images] if batch else [list(images)] if images else []
-        n = max(len(listings), len(texts))
-        listings += [[] for _ in range(n - len(listings))]  # listings with a text and no photo
-        listed_texts = [*texts, *[None] * (n - len(texts))] if predictor.takes_texts else None
-        try:
-            predictor.check_listings([len(photos) for photos in listings], listed_texts)
-        except PredictorInputError as exc:
-            raise InvalidInputError(str(exc)) from exc
-        return await self._guarded(name, served.batcher, served.predictor, listings, listed_texts or [None] * n)
+        listings, listed_texts = _checked_listings(served.predictor, f"/{endpoint}", images, texts, batch=batch)
+        return await self._guarded(name, served.batcher, served.predictor, listings, listed_texts)
 
-    async def embed(self, name: str, images: Sequence[ImageUpload], text: str | None) -> tuple[Predictor, np.ndarray]:
-        """One listing's unit vector (``[dim]``) from model ``name``: its photos and/or its text, checked, decoded
-        and micro-batched as predictions are."""
+    async def embed(self, name: str, images: Sequence[ImageUpload], texts: Sequence[str], *, batch: bool
+                    ) -> tuple[Predictor, np.ndarray]:
+        """Unit vectors (``[listings, dim]``) from model ``name``: one listing's photos and/or its text, or with
+        ``batch`` one listing per photo and/or text (the i-th photo with the i-th text); checked, decoded and
+        micro-batched as predictions are."""
         served = self._served_model(name)
         predictor = served.predictor
         if served.embedder is None:
             raise InvalidInputError(f"model {name!r} ({predictor.model.model_type}) gives no listing vectors; "
-                                    "ask a torch model (image-classifier, text-cnn, fusion)")
-        texts = [text] if text is not None else ([None] if predictor.takes_texts else None)
-        try:
-            predictor.check_listings([len(images)], [text] if text is not None else None)
-        except PredictorInputError as exc:
-            raise InvalidInputError(str(exc)) from exc
-        vectors = await self._guarded(name, served.embedder, predictor, [list(images)], texts or [None])
-        return predictor, vectors[0]
+                                    "ask a torch model (image-classifier, text-cnn, text-transformer, fusion)")
+        listings, listed_texts = _checked_listings(predictor, "/embed", images, texts, batch=batch)
+        return predictor, np.stack(await self._guarded(name, served.embedder, predictor, listings, listed_texts))
 
     async def _guarded(self, name: str, batcher: MicroBatcher[_Item, R], predictor: Predictor,
                        listings: list[list[ImageUpload]], texts: list[str | None]) -> list[R]:

@@ -122,3 +122,12 @@ class EmbedResponse(BaseModel):
     revision: str
     dim: int
     vector: list[float]
+
+
+class EmbedBatchResponse(BaseModel):
+    """Several listings' vectors, in the order the listings were sent; each as ``EmbedResponse.vector``."""
+
+    model: str
+    revision: str
+    dim: int
+    vectors: list[list[float]]

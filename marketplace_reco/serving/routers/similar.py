@@ -19,8 +19,17 @@ from ...search import IndexInputError, ModelMismatchError, SearchError, SearchFi
 from ...search.similar import query_vector_of_listing, similar_listings
 from ..dependencies import PoolDep
 from ..errors import IndexModelMismatchError, InvalidInputError, NoModelError, SearchFailedError, UnknownListingApiError
-from ..inputs import SimilarInputs, similar_inputs
-from ..schemas import EmbedResponse, ErrorResponse, SimilarListing, SimilarRequest, SimilarResponse
+from ..inputs import PredictInputs, SimilarInputs, embed_batch_inputs, similar_inputs
+from ..pool import ModelPool
+from ..schemas import (
+    EmbedBatchResponse,
+    EmbedResponse,
+    ErrorResponse,
+    SimilarListing,
+    SimilarRequest,
+    SimilarResponse,
+    TextBatchRequest,
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -79,8 +88,8 @@ async def similar(inputs: Annotated[SimilarInputs, Depends(similar_inputs)], poo
             vector = await pool.run_search(partial(query_vector_of_listing, index, query.listing_id))
             excluded = frozenset([query.listing_id])
         else:
-            _, embedded = await pool.embed(name, inputs.images, query.text)
-            vector, excluded = embedded[None, :], frozenset()
+            _, vector = await pool.embed(name, inputs.images, _texts(query), batch=False)
+            excluded = frozenset()
         found = await pool.run_search(partial(similar_listings, index, pool.engine, vector, query.k,
                                               exclude_ids=excluded, filters=filters))
     except UnknownListingError as exc:
@@ -97,16 +106,42 @@ async def similar(inputs: Annotated[SimilarInputs, Depends(similar_inputs)], poo
                            query_listing_id=query.listing_id, results=results)
 
 
+def _texts(query: SimilarRequest) -> list[str]:
+    return [query.text] if query.text is not None else []
+
+
+def _embedding_model(pool: ModelPool, model: str | None) -> str:
+    """The model that embeds: the one asked for, or the index's."""
+    if model is None and pool.index is None:
+        raise NoModelError("name the model that embeds: ?model=<name> (this server has no index whose model it "
+                           "could use)")
+    return model or pool.similar_model()
+
+
 @router.post("/embed", response_model=EmbedResponse, summary="A listing's vector from its photos and/or text",
              openapi_extra=_BODY)
 async def embed(inputs: Annotated[SimilarInputs, Depends(similar_inputs)], pool: PoolDep,
                 model: ModelQuery = None) -> EmbedResponse:
     if inputs.query.listing_id is not None:
         raise InvalidInputError("/embed embeds photos and/or a text; a listing's stored vector is not served")
-    if model is None and pool.index is None:
-        raise NoModelError("name the model that embeds: POST /embed?model=<name> (this server has no index whose "
-                           "model it could use)")
-    name = model or pool.similar_model()
-    predictor, vector = await pool.embed(name, inputs.images, inputs.query.text)
-    return EmbedResponse(model=name, revision=predictor.revision, dim=len(vector),
-                         vector=np.asarray(vector, dtype=np.float64).tolist())
+    name = _embedding_model(pool, model)
+    predictor, vectors = await pool.embed(name, inputs.images, _texts(inputs.query), batch=False)
+    return EmbedResponse(model=name, revision=predictor.revision, dim=vectors.shape[1],
+                         vector=vectors[0].astype(np.float64).tolist())
+
+
+@router.post("/embed/batch", response_model=EmbedBatchResponse,
+             summary="Vectors of several listings: the i-th photo goes with the i-th text",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": TextBatchRequest.model_json_schema()},
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                               "description": "one photo per listing"},
+                     "text": {"type": "array", "items": {"type": "string"}, "description": "one text per listing"},
+                 }}}}}})
+async def embed_batch(inputs: Annotated[PredictInputs, Depends(embed_batch_inputs)], pool: PoolDep,
+                      model: ModelQuery = None) -> EmbedBatchResponse:
+    name = _embedding_model(pool, model)
+    predictor, vectors = await pool.embed(name, inputs.images, inputs.texts, batch=True)
+    return EmbedBatchResponse(model=name, revision=predictor.revision, dim=vectors.shape[1],
+                              vectors=vectors.astype(np.float64).tolist())

@@ -350,7 +350,8 @@ class Embedded:
 
 def image_features(model: ImageClassifier, catalogue: pd.DataFrame, store: ImageStore,
                    batch: int = 64) -> tuple[list[str], list[str], np.ndarray]:
-    """(photo ids, their listing ids, feature-layer rows) of every photo: what both image indexes come from."""
+    """(photo ids, their listing ids, pooled backbone rows: what ``embed`` averages) of every photo: what both image
+    indexes come from."""
     photo_ids = [image_id for image_ids in catalogue["image_ids"] for image_id in image_ids]
     owners = [listing for listing, image_ids in zip(catalogue["listing_id"], catalogue["image_ids"])
               for _ in image_ids]
@@ -358,7 +359,7 @@ def image_features(model: ImageClassifier, catalogue: pd.DataFrame, store: Image
     for start in progress_bar(range(0, len(photo_ids), batch), desc="image features", unit="batch"):
         chunk = photo_ids[start:start + batch]
         encoded = store.get_many(chunk)
-        rows.append(model.extract_features([load_image(encoded[image_id], name=image_id) for image_id in chunk]))
+        rows.append(model.pooled_features([load_image(encoded[image_id], name=image_id) for image_id in chunk]))
     return photo_ids, owners, np.concatenate(rows)
 
 
@@ -505,7 +506,7 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
             listing_vectors = l2_normalize_rows(mean_by_listing(
                 features, np.array([position[o] for o in owners]), len(listing_order)))
             embedded["image"] = Embedded(listing_order, listing_vectors)
-            build_rows.append(["image (every photo's features)", len(photo_ids), f"{seconds:.1f}"])
+            build_rows.append(["image (every photo's pooled backbone output)", len(photo_ids), f"{seconds:.1f}"])
             say("same-listing recall")
             recall = same_listing_recall(photo_ids, owners, photo_vectors)
             sections += ["### Same-listing recall (image index of photos)",

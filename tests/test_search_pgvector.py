@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pytest
 from sqlalchemy import Engine, delete, select, text
 
@@ -18,7 +19,8 @@ from marketplace_reco.search import (
     SearchFilters,
     UnknownListingError,
 )
-from marketplace_reco.search.pgvector_index import PgvectorListingIndex, listing_indexes
+from marketplace_reco.search.build import finish_update, plan_update
+from marketplace_reco.search.pgvector_index import MAX_HNSW_DIM, PgvectorListingIndex, listing_indexes
 
 if TYPE_CHECKING:
     from conftest import ListingVectors
@@ -116,6 +118,27 @@ def test_bulk_load_then_build_hnsw(pgvector_engine: Engine, listing_vectors: Lis
     assert index.search(listing_vectors.vectors[:20], 10) == exact  # 240 vectors: HNSW finds them all
     with pytest.raises(IndexConfigError, match="maintenance_work_mem must look like 512MB or 2GB, got '1 TB;'"):
         index.build_hnsw(maintenance_work_mem="1 TB;")
+
+
+def test_vectors_too_wide_for_hnsw_stay_exact_after_a_first_load(pgvector_engine: Engine,
+                                                                  listing_vectors: ListingVectors,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # ResNet-50's pooled output is 2048 wide: the first load must keep its vectors, not fail at the HNSW build.
+    wide = EmbeddingSpec(model_name="image-classifier", model_revision="r1", model_type="image-classifier",
+                         encodes="image", dim=MAX_HNSW_DIM + 1)
+    index = PgvectorListingIndex.create(pgvector_engine, wide, name="wide_embeddings", kind="exact")
+    vectors = np.random.default_rng(0).normal(size=(5, wide.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index.add(listing_vectors.ids[:5], vectors)
+    plan = plan_update([], pd.DataFrame({"listing_id": listing_vectors.ids[:5], "image_ids": [["photo"]] * 5,
+                                         "text": ["a listing"] * 5}), "image")
+    with caplog.at_level("WARNING"):
+        finish_update(index, plan, listing_vectors.ids[:5], build_hnsw=True)
+    assert index.kind == "exact" and "stays exact" in caplog.text and str(MAX_HNSW_DIM) in caplog.text
+    assert [n.listing_id for n in index.search(vectors[:1], 1)[0]] == listing_vectors.ids[:1]
+    with pytest.raises(IndexConfigError, match=f"at most {MAX_HNSW_DIM} dimensions"):
+        index.build_hnsw()
+    index.drop()
 
 
 def test_only_listings_of_the_products_table_can_be_added(pgvector_engine: Engine,

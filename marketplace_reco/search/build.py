@@ -36,7 +36,7 @@ from .base import EmbeddingSpec, ListingIndex
 from .catalogue import embeddable, read_catalogue
 from .errors import IndexConfigError
 from .faiss_index import FaissListingIndex
-from .pgvector_index import DEFAULT_NAME, PgvectorListingIndex
+from .pgvector_index import DEFAULT_NAME, MAX_HNSW_DIM, PgvectorListingIndex
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +157,20 @@ def finish_update(index: ListingIndex, plan: UpdatePlan, written_ids: Sequence[s
                   without_vector: Sequence[str] = (), *, build_hnsw: bool = False) -> UpdateReport:
     """After every shard is written: delete the plan's deletions, and listings of the index that now have no
     vector; with ``build_hnsw``, build the HNSW graph of a pgvector index created exact for its first load (once,
-    faster than growing it row by row); report what changed (once, on one rank)."""
+    faster than growing it row by row; vectors wider than pgvector's HNSW limit stay exact, with a warning); report
+    what changed (once, on one rank)."""
     refreshed = sum(listing_id in plan.indexed for listing_id in written_ids)
     to_delete = sorted(set(plan.delete) | (set(without_vector) & plan.indexed))
     if to_delete:
         index.delete(to_delete)
     if build_hnsw and isinstance(index, PgvectorListingIndex) and index.kind == "exact":
-        index.build_hnsw()
+        if index.embedding.dim > MAX_HNSW_DIM:
+            # Refusing here would throw away every vector just embedded; an exact index still answers.
+            logger.warning("the pgvector index %r stays exact (each query scans every row): pgvector's HNSW index "
+                           "takes at most %d dimensions and %s's vectors have %d; the FAISS backend has no such "
+                           "limit", index.name, MAX_HNSW_DIM, index.embedding.model_name, index.embedding.dim)
+        else:
+            index.build_hnsw()
     return UpdateReport(added=len(written_ids) - refreshed, refreshed=refreshed, deleted=len(to_delete),
                         unchanged=plan.unchanged, without_vector=list(without_vector))
 

@@ -278,6 +278,32 @@ async def _json_texts(request: Request, settings: ServingSettings, endpoint: str
     return inputs
 
 
+def form_request_body(*, images: bool, texts: bool, batch: bool, either: bool = False,
+                      json_model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """The OpenAPI request body of what ``form_inputs`` (or a JSON model) reads: the inputs are read by a
+    dependency, so FastAPI cannot infer them. ``either``: a photo or a text is enough (neither field required)."""
+
+    def field(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "array", "items": schema} if batch else schema
+
+    properties: dict[str, Any] = {}
+    if images:
+        # A single listing may have several photos: they count together.
+        properties["image"] = ({"type": "array", "items": {"type": "string", "format": "binary"},
+                                "description": "the listing's photo, or several of its photos ('img' works too)"}
+                               if not batch else field({"type": "string", "format": "binary",
+                                                        "description": "one photo per listing ('img' works too)"}))
+    if texts:
+        properties["text"] = field({"type": "string", "description": "the listing text ('txt' works too)"})
+    form = {"schema": {"type": "object", "properties": properties, "required": [] if either else list(properties)}}
+    content = {"multipart/form-data": form}
+    if json_model is not None:
+        content["application/json"] = {"schema": json_model.model_json_schema()}
+    if not images:
+        content["application/x-www-form-urlencoded"] = form
+    return {"requestBody": {"required": True, "content": content}}
+
+
 def text_inputs(*, batch: bool) -> Callable[[Request, ServingSettings], Awaitable[PredictInputs]]:
     """A dependency reading the texts of ``/text[/batch]``: JSON (``{"text": ...}``, ``{"texts": [...]}``) or a form."""
 

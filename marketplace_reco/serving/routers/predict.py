@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
 
 from ..dependencies import PoolDep
-from ..inputs import PredictInputs, form_inputs, text_inputs
+from ..inputs import PredictInputs, form_inputs, form_request_body, text_inputs
 from ..schemas import BatchPrediction, ErrorResponse, Prediction, TextBatchRequest, TextRequest
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -33,35 +32,8 @@ ModelQuery = Annotated[str | None, Query(min_length=1,
                                         description="answer with this served model instead of the endpoint's own")]
 
 
-def _request_body(*, images: bool, texts: bool, batch: bool, json_model: type[BaseModel] | None = None
-                  ) -> dict[str, Any]:
-    """OpenAPI request body: the inputs are read by a dependency, so FastAPI cannot infer them."""
-
-    def field(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "array", "items": schema} if batch else schema
-
-    properties: dict[str, Any] = {}
-    if images:
-        # A single listing may have several photos: they count together.
-        properties["image"] = ({"type": "array", "items": {"type": "string", "format": "binary"},
-                                "description": "the listing's photo, or several of its photos ('img' works too)"}
-                               if not batch else field({"type": "string", "format": "binary",
-                                                        "description": "one photo per listing ('img' works too)"}))
-    if texts:
-        properties["text"] = field({"type": "string", "description": "the listing text ('txt' works too)"})
-    # A single listing of a photo + text model needs a photo or a text: either may be left out.
-    required = [] if images and texts and not batch else list(properties)
-    form = {"schema": {"type": "object", "properties": properties, "required": required}}
-    content = {"multipart/form-data": form}
-    if json_model is not None:
-        content["application/json"] = {"schema": json_model.model_json_schema()}
-    if not images:
-        content["application/x-www-form-urlencoded"] = form
-    return {"requestBody": {"required": True, "content": content}}
-
-
 @router.post("/image", response_model=Prediction, summary="Category of a listing from its photo (or photos)",
-             openapi_extra=_request_body(images=True, texts=False, batch=False))
+             openapi_extra=form_request_body(images=True, texts=False, batch=False))
 async def predict_image(
     inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=False))],
     pool: PoolDep, model: ModelQuery = None,
@@ -70,7 +42,7 @@ async def predict_image(
 
 
 @router.post("/image/batch", response_model=BatchPrediction, summary="Categories of several photos",
-             openapi_extra=_request_body(images=True, texts=False, batch=True))
+             openapi_extra=form_request_body(images=True, texts=False, batch=True))
 async def predict_image_batch(
     inputs: Annotated[PredictInputs, Depends(form_inputs("image", images=True, texts=False, batch=True))],
     pool: PoolDep, model: ModelQuery = None,
@@ -80,7 +52,7 @@ async def predict_image_batch(
 
 
 @router.post("/text", response_model=Prediction, summary="Category of a listing from its text",
-             openapi_extra=_request_body(images=False, texts=True, batch=False, json_model=TextRequest))
+             openapi_extra=form_request_body(images=False, texts=True, batch=False, json_model=TextRequest))
 async def predict_text(
     inputs: Annotated[PredictInputs, Depends(text_inputs(batch=False))], pool: PoolDep, model: ModelQuery = None,
 ) -> Prediction:
@@ -88,7 +60,7 @@ async def predict_text(
 
 
 @router.post("/text/batch", response_model=BatchPrediction, summary="Categories of several texts",
-             openapi_extra=_request_body(images=False, texts=True, batch=True, json_model=TextBatchRequest))
+             openapi_extra=form_request_body(images=False, texts=True, batch=True, json_model=TextBatchRequest))
 async def predict_text_batch(
     inputs: Annotated[PredictInputs, Depends(text_inputs(batch=True))], pool: PoolDep, model: ModelQuery = None,
 ) -> BatchPrediction:
@@ -98,7 +70,7 @@ async def predict_text_batch(
 
 @router.post("/combined", response_model=Prediction,
              summary="Category of a listing from its photos and text (one of them may be missing)",
-             openapi_extra=_request_body(images=True, texts=True, batch=False))
+             openapi_extra=form_request_body(images=True, texts=True, batch=False, either=True))
 async def predict_combined(
     inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=False))],
     pool: PoolDep, model: ModelQuery = None,
@@ -108,7 +80,7 @@ async def predict_combined(
 
 @router.post("/combined/batch", response_model=BatchPrediction,
              summary="Categories of several listings: the i-th photo goes with the i-th text",
-             openapi_extra=_request_body(images=True, texts=True, batch=True))
+             openapi_extra=form_request_body(images=True, texts=True, batch=True))
 async def predict_combined_batch(
     inputs: Annotated[PredictInputs, Depends(form_inputs("combined", images=True, texts=True, batch=True))],
     pool: PoolDep, model: ModelQuery = None,

@@ -19,7 +19,7 @@ from ...search import IndexInputError, ModelMismatchError, SearchError, SearchFi
 from ...search.similar import query_vector_of_listing, similar_listings
 from ..dependencies import PoolDep
 from ..errors import IndexModelMismatchError, InvalidInputError, NoModelError, SearchFailedError, UnknownListingApiError
-from ..inputs import PredictInputs, SimilarInputs, embed_batch_inputs, similar_inputs
+from ..inputs import PredictInputs, SimilarInputs, embed_batch_inputs, form_request_body, similar_inputs
 from ..pool import ModelPool
 from ..schemas import (
     EmbedBatchResponse,
@@ -132,13 +132,8 @@ async def embed(inputs: Annotated[SimilarInputs, Depends(similar_inputs)], pool:
 
 @router.post("/embed/batch", response_model=EmbedBatchResponse,
              summary="Vectors of several listings: the i-th photo goes with the i-th text",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": TextBatchRequest.model_json_schema()},
-                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                     "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                               "description": "one photo per listing"},
-                     "text": {"type": "array", "items": {"type": "string"}, "description": "one text per listing"},
-                 }}}}}})
+             openapi_extra=form_request_body(images=True, texts=True, batch=True, either=True,
+                                             json_model=TextBatchRequest))
 async def embed_batch(inputs: Annotated[PredictInputs, Depends(embed_batch_inputs)], pool: PoolDep,
                       model: ModelQuery = None) -> EmbedBatchResponse:
     name = _embedding_model(pool, model)

@@ -13,6 +13,7 @@ transformer, a network some hundred times larger than the text CNN).
     python scripts/bench_serving.py                       # checkpoints image-classifier, text-cnn, fusion
     python scripts/bench_serving.py --requests 2000 --concurrency 64
     python scripts/bench_serving.py --text-model text-transformer    # /text latency of the transformer
+    python scripts/bench_serving.py --text-model text-transformer --quantization int8
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from marketplace_reco.data.dataset import load_marketplace
+from marketplace_reco.models import QUANTIZATIONS
 from marketplace_reco.serving import Predictor, ServingSettings
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.benchmarks import BenchmarkReport, markdown_table
@@ -116,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-wait-ms", type=float, default=defaults.max_batch_wait_ms)
     parser.add_argument("--torch-threads", type=int, default=defaults.resolved_torch_threads(),
                         help="torch threads of the server (default: %(default)s)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="serve (and run in process) every model quantized (MARKETPLACE_QUANTIZATION); "
+                             "default: float weights")
     parser.add_argument("--report", type=Path, default=None, help="default: <reports>/bench_serving.md")
     return parser
 
@@ -232,6 +237,8 @@ def _start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
                "--max-batch-wait-ms", str(args.max_batch_wait_ms), "--torch-threads", str(args.torch_threads)]
     if args.checkpoints is not None:
         command += ["--checkpoints", str(args.checkpoints)]
+    if args.quantization is not None:
+        command += ["--quantization", args.quantization]
     server = subprocess.Popen(command)
     wait_until_ready(server, f"http://127.0.0.1:{port}")
     return server
@@ -323,7 +330,7 @@ def main() -> None:
     runs = []
     try:
         for endpoint, name in models.items():
-            predictor = Predictor.from_pretrained(name)
+            predictor = Predictor.from_pretrained(name, quantization=args.quantization)
             requests = _encoded_requests(endpoint, listings, port)
             run = Run(endpoint, args.text_concurrency if endpoint == "text" else args.concurrency,
                       model_type=predictor.model.model_type)
@@ -344,7 +351,8 @@ def main() -> None:
     failures = _bar_failures(runs)
     verdict = "all bars hold" if not failures else "bars missed: " + "; ".join(failures)
     setup = (f"Server {args.torch_threads} torch threads, max batch {args.max_batch_size}, max wait "
-             f"{args.max_batch_wait_ms} ms; models: " + ", ".join(f"/{e} {n}" for e, n in models.items()))
+             f"{args.max_batch_wait_ms} ms, quantization {args.quantization or 'none'}; models: "
+             + ", ".join(f"/{e} {n}" for e, n in models.items()))
     report.write(
         f"{setup}.\n\n{table}\n\n"
         "In-process: `Predictor.predict_batch` on encoded photos/texts (decoding included), batches of the "

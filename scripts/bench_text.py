@@ -46,7 +46,10 @@ from marketplace_reco.training.benchmarks import (
 )
 from marketplace_reco.training.distributed import init_distributed
 from marketplace_reco.training.metrics import evaluate
+from marketplace_reco.training.runs import default_arguments
 
+#: TextTransformerClassifier's defaults.
+_TRANSFORMER = default_arguments(TextTransformerClassifier.__init__)
 ROWS = ("tfidf-svm", "tfidf-svm-plain", "cnn-fine-tuned", "cnn-frozen", "text-transformer")
 TFIDF_ROWS = ("tfidf-svm", "tfidf-svm-plain")
 
@@ -74,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER,
                         help="text-transformer row: pretrained encoder, Hugging Face hub id or folder (default: "
                              "%(default)s)")
+    parser.add_argument("--lexical-features", type=int, default=_TRANSFORMER["lexical_features"],
+                        help="text-transformer row: hashed n-gram features of its lexical head (0: none); with one, "
+                             "the encoder alone is scored too, from the same run (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
                         help="report file (default: <reports folder>/bench_text.md); its journal of results is "
                              "the same path with the suffix .jsonl")
@@ -111,18 +117,27 @@ def _text_cnn(splits: dict[str, Marketplace], seed: int, embedding: Word2VecEmbe
     return model.predict_member_proba(splits["test"].products["text"].tolist()), seconds
 
 
-def _text_transformer(splits: dict[str, Marketplace], seed: int, encoder: str) -> tuple[np.ndarray, float, dict]:
-    """The text transformer fine-tuned with the library's (and the training script's) defaults: its test
-    probabilities, the training seconds and what validation chose (the kept epoch, its accuracy, every epoch's)."""
+def _text_transformer(splits: dict[str, Marketplace], seed: int, encoder: str, lexical_features: int
+                      ) -> tuple[dict[str, np.ndarray], float, dict]:
+    """The text transformer fine-tuned with the library's (and the training script's) defaults but
+    ``lexical_features``: its test logits by row (with a lexical head, also the encoder's alone: the same run without
+    the head's scores), the training seconds and what validation chose (the kept epoch, its accuracy, every
+    epoch's; the lexical head's weight)."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    model = TextTransformerClassifier(splits["train"].classes, encoder=encoder)
+    model = TextTransformerClassifier(splits["train"].classes, encoder=encoder, lexical_features=lexical_features)
     trained = text_transformer.train(model, splits, text_transformer.TextTransformerTrainConfig(seed=seed))
     seconds = time.perf_counter() - started
     validation = {"best_epoch": trained.metrics["best_epoch"],
                   "validation_accuracy": trained.metrics["validation_accuracy"],
                   "validation_accuracy_by_epoch": [row["val_accuracy"] for row in trained.history]}
-    return model.predict_proba(texts=splits["test"].products["text"].tolist()), seconds, validation
+    texts = splits["test"].products["text"].tolist()
+    logits = {"text-transformer": model.logits(texts)}
+    if model.lexical is not None:
+        validation["lexical_weight"] = model.lexical_weight
+        logits["text-transformer, encoder alone"] = (logits["text-transformer"]
+                                                     - model.lexical_weight * model.lexical.scores(texts))
+    return logits, seconds, validation
 
 
 def _ensembles(labels: np.ndarray, member_scores: np.ndarray, sizes: list[int], classes: list[str],
@@ -181,8 +196,13 @@ def _report_body(results: dict[str, list[dict[str, float]]], args: argparse.Name
          + "".join(f" Seed {seed}: validation accuracy by epoch "
                    f"{' '.join(f'{a:.3f}' for a in run['validation_accuracy_by_epoch'])}, "
                    f"epoch {run['best_epoch']} kept."
+                   + (f" Lexical head weight {run['lexical_weight']:g}." if "lexical_weight" in run else "")
                    for seed, run in zip(args.seeds, results.get("text-transformer", []))
-                   if "validation_accuracy_by_epoch" in run)),
+                   if "validation_accuracy_by_epoch" in run)
+         + (f" With `--lexical-features {args.lexical_features}`: a lexical head (hashed word 1-2-gram TF-IDF, "
+            "a linear SVM fitted on the training texts after the encoder, its weight in the logits chosen on "
+            "validation) joins the logits; `encoder alone` scores the same run without it."
+            if args.lexical_features else "")),
         *([f"- {reused_runs} of the {len(args.seeds) * len(args.rows)} (seed, model) runs were taken from the "
            f"journal {journal.name} (`--resume`), their times from the run that made them."] if reused_runs else []),
     ])
@@ -201,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "ensemble_sizes": sorted(args.ensemble_sizes), "label_interval": args.label_interval,
                                  # Only another encoder than the default's changes the setup (earlier journals stay
                                  # valid).
-                                 **({"encoder": args.encoder} if args.encoder != DEFAULT_ENCODER else {})},
+                                 **({"encoder": args.encoder} if args.encoder != DEFAULT_ENCODER else {}),
+                                 **({"lexical_features": args.lexical_features}
+                                    if args.lexical_features != _TRANSFORMER["lexical_features"] else {})},
                                 args.resume)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -222,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = evaluate(splits["test"].label_indices, scores, marketplace.classes)
                 scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds}}
             elif name == "text-transformer":
-                proba, seconds, validation = _text_transformer(splits, seed, args.encoder)
-                metrics = evaluate(splits["test"].label_indices, proba, marketplace.classes)
-                scored = {name: {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "seconds": seconds,
-                                 **validation}}
+                logits, seconds, validation = _text_transformer(splits, seed, args.encoder, args.lexical_features)
+                scored = {}
+                for row_name, row_logits in logits.items():
+                    metrics = evaluate(splits["test"].label_indices, row_logits, marketplace.classes)
+                    scored[row_name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                        "seconds": seconds, **validation}
             else:
                 if embedding is None:  # one embedding per split, shared by the CNN rows
                     started = time.perf_counter()

@@ -12,6 +12,7 @@ Examples:
     python scripts/evaluate.py text-cnn fusion --data ../shared/marketplace
     python scripts/evaluate.py s3://models/image-classifier --db-url $MARKETPLACE_DB_URL --images s3://bucket/images
     python scripts/evaluate.py text-cnn --db-url sqlite:///data/marketplace.db --images data/images --split test
+    python scripts/evaluate.py text-transformer --split test --quantization int8   # as served quantized
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from marketplace_reco.models import QUANTIZATIONS
 from marketplace_reco.settings import reports_dir
 from marketplace_reco.training.benchmarks import add_export_arguments, load_export
 from marketplace_reco.training.evaluation import SPLIT_NAMES, evaluate_checkpoints, evaluation_table
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="checkpoints to score: names, folders, s3:// locations or Hugging Face repo ids")
     parser.add_argument("--revision", default=None, help="revision of every model (default: the latest)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="score the models as a server with MARKETPLACE_QUANTIZATION serves them (default: their "
+                             "float weights)")
     add_export_arguments(parser)
     group = parser.add_argument_group("which products")
     group.add_argument("--split", choices=SPLIT_NAMES, default=None,
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             marketplace = marketplace.split(fractions, seed=args.seed)[args.split]
             described += f", split {args.split} (fractions {fractions}, seed {args.seed})"
         results = evaluate_checkpoints(args.models, marketplace, args.output or reports_dir() / "evaluate",
-                                       revision=args.revision)
+                                       revision=args.revision, quantization=args.quantization)
     except RUN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

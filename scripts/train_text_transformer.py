@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="width of the feature layer reused by the fusion model (default: %(default)s)")
     group.add_argument("--dropout", type=float, default=_MODEL["dropout"],
                        help="dropout before the feature layer and the classifier (default: %(default)s)")
+    group.add_argument("--lexical-features", type=int, default=_MODEL["lexical_features"],
+                       help="hashed word 1-2-gram TF-IDF features of a linear lexical head whose scores join the "
+                            "logits, fitted after the encoder (0: none; default: %(default)s)")
     runs.add_config_arguments(parser, text_transformer.TextTransformerTrainConfig, "training")
     return parser
 
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         model = TextTransformerClassifier(
             splits["train"].classes, encoder=args.encoder, max_length=args.max_length, head_length=args.head_length,
             pooling=args.pooling, feature_dim=args.feature_dim, dropout=args.dropout,
+            lexical_features=args.lexical_features,
         )
         return model, text_transformer.train(model, splits, config, context)
 

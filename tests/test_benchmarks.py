@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from marketplace_reco.data import DataError
+from marketplace_reco.data import DataError, Marketplace
 from marketplace_reco.training.benchmarks import ResultJournal, markdown_table
+from marketplace_reco.training.text_transformer import LEXICAL_WEIGHTS
+from test_text_transformer import make_encoder
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SETUP = {"data": "export", "fractions": [0.8, 0.1, 0.1]}
@@ -84,3 +86,20 @@ def test_bench_text_resumes_from_its_journal(sample_data: dict[str, str], tmp_pa
     journal.write_text(journal.read_text() + "{not json\n")
     broken = _bench_text(*data, "--seeds", "0", "--resume")
     assert broken.returncode == 1 and "line 5: not a JSON result" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_bench_text_scores_the_transformer_with_and_without_its_lexical_head(sample_data: dict[str, str],
+                                                                             sample_marketplace: Marketplace,
+                                                                             tmp_path: Path) -> None:
+    # As many positions as the library's default text length: the benchmark trains with the defaults.
+    encoder = make_encoder(tmp_path / "encoder", sample_marketplace.products["text"], max_positions=256)
+    report = tmp_path / "bench_text.md"
+    run = _bench_text("--db-url", sample_data["db_url"], "--images", sample_data["image_location"], "--output",
+                      str(report), "--rows", "text-transformer", "--seeds", "0", "--encoder", str(encoder),
+                      "--lexical-features", "4096")
+    assert run.returncode == 0, run.stderr[-3000:]
+    entries = {entry["model"]: entry["scores"] for entry in _lines(report.with_suffix(".jsonl"))}
+    assert set(entries) == {"text-transformer", "text-transformer, encoder alone"}
+    assert entries["text-transformer"]["lexical_weight"] in LEXICAL_WEIGHTS
+    text = report.read_text()
+    assert "| text-transformer, encoder alone " in text and "Lexical head weight" in text

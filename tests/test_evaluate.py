@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from marketplace_reco.data import Marketplace, load_marketplace
-from marketplace_reco.models import HogSvmClassifier, TextCNN
+from marketplace_reco.models import HogSvmClassifier, TextCNN, TextTransformerClassifier
 from marketplace_reco.training.hog_svm import fit
 from marketplace_reco.training.image_data import SplitImages
 from marketplace_reco.training.word2vec import train_vectors
+from test_text_transformer import make_encoder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
 
@@ -82,3 +83,22 @@ def test_an_unknown_model_is_one_line_of_error(checkpoints: Path, sample_data: d
                        sample_data["image_location"])
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "no-such-model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_scores_the_quantized_form_a_server_would_run(checkpoints: Path, sample_marketplace: Marketplace,
+                                                      sample_data: dict[str, str], tmp_path: Path) -> None:
+    train = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)["train"]
+    encoder = make_encoder(tmp_path / "encoder", train.products["text"])
+    served = tmp_path / "checkpoints"
+    TextTransformerClassifier(train.classes, encoder=str(encoder), max_length=32, head_length=24, feature_dim=8,
+                              lexical_features=256).save_pretrained(served / "text-transformer")
+    (served / "text-cnn").symlink_to(checkpoints / "text-cnn")
+    result = _evaluate(served, "text-transformer", "text-cnn", "--db-url", sample_data["db_url"], "--images",
+                       sample_data["image_location"], "--quantization", "int8", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    quantized = json.loads((tmp_path / "out" / "text-transformer_int8" / "metrics.json").read_text())
+    assert quantized["model"]["quantization"] == "int8" and quantized["n_samples"] == len(sample_marketplace.products)
+    assert next(line for line in result.stdout.splitlines() if line.startswith("| text-transformer (int8) "))
+    # The text CNN has no layer int8 pays for: it is scored as it is, and labelled so.
+    as_it_is = json.loads((tmp_path / "out" / "text-cnn" / "metrics.json").read_text())
+    assert as_it_is["model"]["quantization"] is None

@@ -24,13 +24,13 @@ from safetensors.numpy import load_file, save_file
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from marketplace_reco.data.dataset import Marketplace
-from marketplace_reco.models import CheckpointError, load_model, pull_checkpoint
+from marketplace_reco.models import CheckpointError, ModelConfigError, load_model, pull_checkpoint
 from marketplace_reco.models.fusion import FusionClassifier
 from marketplace_reco.models.image_classifier import ImageClassifier
 from marketplace_reco.models.text_transformer import PretrainedEncoderError, TextTransformerClassifier
 from marketplace_reco.serving import Predictor, ServingSettings, create_app
 from marketplace_reco.training import fusion
-from marketplace_reco.training.text_transformer import TextTransformerTrainConfig, train
+from marketplace_reco.training.text_transformer import LEXICAL_WEIGHTS, TextTransformerTrainConfig, train
 from test_serving_http import RED, LoopbackServer, error_message
 from text_marketplaces import text_splits
 
@@ -41,14 +41,14 @@ _TOPICS = ["sofa chair table wardrobe drawers oak", "iphone charger screen batte
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_encoder(folder: Path, texts: Iterable[str], seed: int = 0) -> Path:
+def make_encoder(folder: Path, texts: Iterable[str], seed: int = 0, max_positions: int = 128) -> Path:
     """A tiny random BERT and a WordPiece tokenizer whose vocabulary is the words of ``texts`` (and punctuation)."""
     words = sorted({word for text in texts for word in re.findall(r"[a-z0-9]+", text.lower())})
     vocab = [*_SPECIALS, *words, *".,!?-'&|/()£:;"]
     BertTokenizerFast(vocab={piece: index for index, piece in enumerate(vocab)}).save_pretrained(str(folder))
     torch.manual_seed(seed)
     encoder = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=128))
+                                   intermediate_size=64, max_position_embeddings=max_positions))
     # Word vectors as far apart as pretrained ones (BERT's initialisation leaves them as small as the position
     # embeddings, and training keeps them frozen).
     torch.nn.init.normal_(encoder.embeddings.word_embeddings.weight, std=1.0)
@@ -112,7 +112,9 @@ def test_trainable_layers_fine_tunes_only_the_last_ones(encoder: Path) -> None:
     train(model, text_splits(_data(30, seed=0), _data(9, seed=1), CLASSES),
           TextTransformerTrainConfig(**{**_FAST, "epochs": 1}, trainable_layers=1, bf16=False, accumulation_steps=2))
     changed = {key for key, value in model.state_dict().items() if not torch.equal(before[key], value)}
-    assert changed and all(key.startswith(("encoder.encoder.layer.1.", "feature.", "classifier.")) for key in changed)
+    # The lexical head is fitted after the encoder, whatever part of the encoder trains.
+    assert changed and all(key.startswith(("encoder.encoder.layer.1.", "feature.", "classifier.", "lexical."))
+                           for key in changed)
     assert any(key.startswith("encoder.encoder.layer.1.") for key in changed)
 
 
@@ -297,6 +299,77 @@ def test_a_concat_fusion_reads_the_transformer_s_features(sample_splits: dict[st
         FusionClassifier.from_branches(image, text, head="concat", unfrozen=["text"])
 
 
+# ---- lexical head -----------------------------------------------------------------------------------
+def test_a_lexical_head_is_fitted_after_the_encoder_weighted_on_validation_and_saved(encoder: Path,
+                                                                                      tmp_path: Path) -> None:
+    model = _model(encoder, lexical_features=512)
+    result = train(model, text_splits(_data(45, seed=0), _data(15, seed=1), CLASSES),
+                   TextTransformerTrainConfig(**_FAST))
+    lexical = result.metrics["lexical_head"]
+    assert lexical["features"] == 512 and lexical["weight"] in LEXICAL_WEIGHTS
+    assert [float(weight) for weight in lexical["weights_tried"]] == list(LEXICAL_WEIGHTS)
+    assert model.lexical_weight == lexical["weight"] == model.config["lexical_weight"]
+    # The linear SVM over hashed word n-grams alone separates the three topics of the held-out texts.
+    texts, labels = _data(30, seed=2)
+    assert model.lexical is not None and (model.lexical.scores(texts).argmax(axis=1) == labels).mean() == 1.0
+    # n-grams of the training texts weigh their idf (at least 1), the other hashed features nothing.
+    idf = model.lexical.idf.numpy()
+    assert set(np.flatnonzero(idf)) == set(model.lexical.counts(_data(45, seed=0)[0]).indices)
+    assert idf[idf > 0].min() >= 1.0
+    # An empty text has no n-gram: its lexical scores are the biases alone.
+    np.testing.assert_allclose(model.lexical.scores([""])[0], model.lexical.bias.numpy(), atol=1e-6)
+    # The head's arrays travel in model.safetensors (strict keys), its tokenisation in config.json.
+    model.save_pretrained(tmp_path / "lexical")
+    config = json.loads((tmp_path / "lexical" / "config.json").read_text())
+    assert config["lexical_features"] == 512 and "the" in config["lexical_preprocessing"]["stop_words"]
+    assert {"lexical.idf", "lexical.weight", "lexical.bias"} <= set(load_file(tmp_path / "lexical" /
+                                                                              "model.safetensors"))
+    again = load_model(str(tmp_path / "lexical"))
+    np.testing.assert_allclose(again.predict_proba(texts=TEXTS), model.predict_proba(texts=TEXTS), atol=1e-6)
+    without = _model(encoder, lexical_features=0)
+    without.load_state_dict({key: value for key, value in model.state_dict().items()
+                             if not key.startswith("lexical.")}, strict=True)
+    np.testing.assert_allclose(model.logits(TEXTS), without.logits(TEXTS)
+                               + model.lexical_weight * model.lexical.scores(TEXTS), atol=1e-5)
+
+
+# ---- int8 inference ---------------------------------------------------------------------------------
+def _int8_layers(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)]
+
+
+def test_int8_quantization_runs_the_feed_forward_expansions_in_int8_close_to_the_float_model(
+        trained: TextTransformerClassifier, tmp_path: Path) -> None:
+    trained.save_pretrained(tmp_path / "float")
+    model = load_model(str(tmp_path / "float"), quantization="int8")
+    assert model.quantization == "int8"
+    assert _int8_layers(model) == [f"encoder.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    float_proba = trained.predict_proba(texts=TEXTS)
+    proba = model.predict_proba(texts=TEXTS)
+    assert proba.shape == float_proba.shape and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(proba, float_proba, atol=0.05)
+    vectors = model.embed(texts=TEXTS)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(vectors * trained.embed(texts=TEXTS), axis=1)) > 0.98
+    # The checkpoint keeps the float weights: a quantized model is for inference only.
+    with pytest.raises(ModelConfigError, match="cannot be saved"):
+        model.save_pretrained(tmp_path / "quantized")
+    assert not (tmp_path / "quantized" / "model.safetensors").exists()
+    with pytest.raises(ModelConfigError, match="unknown quantization 'int4'"):
+        load_model(str(tmp_path / "float"), quantization="int4")
+
+
+def test_int8_quantization_reaches_a_fusion_s_transformer_branch(fusion_folder: Path,
+                                                                sample_splits: dict[str, Marketplace]) -> None:
+    texts = sample_splits["test"].products["text"].head(4).tolist()
+    float_proba = load_model(str(fusion_folder)).predict_proba(texts=texts)
+    model = load_model(str(fusion_folder), quantization="int8")
+    assert model.quantization == "int8"
+    assert _int8_layers(model) == [f"text_branch.encoder.encoder.layer.{i}.intermediate.dense" for i in range(2)]
+    np.testing.assert_allclose(model.predict_proba(texts=texts), float_proba, atol=0.05)
+
+
 # ---- serving ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(trained: TextTransformerClassifier, fusion_folder: Path,
@@ -337,6 +410,27 @@ def test_text_and_combined_serve_it_with_meaningful_warnings(server: LoopbackSer
         assert "no text" in no_text["warning"]
         no_photo = client.post("/combined", data={"text": "sofa"}).json()
         assert "no photo" in no_photo["warning"]
+
+
+def test_a_quantized_server_says_so_and_answers_as_the_quantized_model(server: LoopbackServer) -> None:
+    checkpoints: Path = server.checkpoints  # type: ignore[attr-defined]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MARKETPLACE_CHECKPOINTS", str(checkpoints))
+        env.setenv("MARKETPLACE_QUANTIZATION", "int8")
+        settings = ServingSettings(image_model=None, text_model="text-transformer", combined_model=None,
+                                   torch_threads=1)
+        with LoopbackServer(create_app(settings)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+            running.wait_ready()
+            assert client.get("/models/text-transformer").json()["quantization"] == "int8"
+            answer = client.post("/text", json={"text": TEXTS[0]}).json()
+    expected = Predictor.from_pretrained(str(checkpoints / "text-transformer"), quantization="int8").predict(
+        text=TEXTS[0])
+    assert answer["pred"] == expected.pred
+    assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/models/text-transformer").json()["quantization"] is None
+    with pytest.raises(ValueError, match="unknown quantization 'fp8'"):
+        ServingSettings(quantization="fp8")
 
 
 # ---- scripts ----------------------------------------------------------------------------------------

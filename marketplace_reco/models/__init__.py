@@ -8,6 +8,7 @@ from ._checkpoint import CheckpointMixin, TorchCheckpointMixin
 from ._format import CARD_FILE, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_config
 from ._hub import DEFAULT_REVISION, ResolvedCheckpoint, pull_checkpoint, push_checkpoint, resolve_checkpoint
 from ._listings import ListingImages, mean_by_listing
+from ._quantization import QUANTIZATIONS, check_quantization
 from ._registry import create_model, list_models, load_model, register_model
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
 from .fusion import FusionClassifier
@@ -24,6 +25,7 @@ __all__ = [
     "read_config",
     "DEFAULT_REVISION",
     "FORMAT_VERSION",
+    "QUANTIZATIONS",
     "CheckpointError",
     "CheckpointMixin",
     "CheckpointNotFoundError",
@@ -40,6 +42,7 @@ __all__ = [
     "TorchCheckpointMixin",
     "UnknownModelTypeError",
     "Word2VecEmbedding",
+    "check_quantization",
     "create_model",
     "list_models",
     "load_model",

@@ -43,7 +43,8 @@ from ._format import (
     read_config,
 )
 from ._hub import ResolvedCheckpoint, push_checkpoint, resolve_checkpoint
-from .errors import CheckpointError
+from ._quantization import check_quantization, quantize_linear_layers
+from .errors import CheckpointError, ModelConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class CheckpointMixin(ModelHubMixin):
     data_summary: dict[str, Any]
     #: Where the model was loaded from: {"name", "revision", "folder"}; empty for a model built in memory.
     source: dict[str, str]
+    #: The quantization applied since loading (``quantize``), None for the float weights.
+    quantization: str | None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(library_name="marketplace_reco", **kwargs)
@@ -84,6 +87,7 @@ class CheckpointMixin(ModelHubMixin):
         instance.metrics = {}
         instance.data_summary = {}
         instance.source = {}
+        instance.quantization = None
         return instance
 
     # ---- what subclasses provide -------------------------------------------------------------
@@ -126,7 +130,24 @@ class CheckpointMixin(ModelHubMixin):
         return {key: value for key, value in self.config.items() if key not in FORMAT_KEYS}
 
     # ---- saving (ModelHubMixin.save_pretrained calls these) -------------------------------------
+    def quantize(self, kind: str) -> None:
+        """Quantize the layers where it makes inference faster without costing accuracy (``_int8_layers``; see
+        ``_quantization``); a model with none (photo models, the text CNN, HOG-SVM) stays as it is and its
+        ``quantization`` None."""
+        check_quantization(kind)
+        layers = self._int8_layers()
+        if layers:
+            quantize_linear_layers(self, kind, layers)  # type: ignore[arg-type]  # only torch models name layers
+            self.quantization = kind
+
+    def _int8_layers(self) -> list[str]:
+        """Names of the linear layers int8 quantization pays for (a transformer's); none by default."""
+        return []
+
     def _save_pretrained(self, save_directory: Path) -> None:
+        if self.quantization is not None:
+            raise ModelConfigError(f"this {self.model_type} model is {self.quantization}-quantized for inference and "
+                                   "cannot be saved: save the float model it was loaded from")
         # The mixin writes a card only where none exists; a re-save must describe the new weights.
         (save_directory / CARD_FILE).unlink(missing_ok=True)
         config = json.dumps(self.config, sort_keys=True, indent=2).encode("utf-8")

@@ -49,11 +49,13 @@ def create_model(model_type: str, **kwargs: Any) -> CheckpointMixin:
     return model_class(model_type)(**kwargs)
 
 
-def load_model(name_or_path: str | Path, revision: str | None = None, **kwargs: Any) -> CheckpointMixin:
+def load_model(name_or_path: str | Path, revision: str | None = None, *, quantization: str | None = None,
+               **kwargs: Any) -> CheckpointMixin:
     """Load any checkpoint by name, folder, ``s3://`` location or Hugging Face repo id.
 
     The folder's ``config.json`` names the model type, so the caller never needs to know it; it is read once
-    and handed to the model class.
+    and handed to the model class. ``quantization="int8"`` quantizes the linear layers where it pays (a text
+    transformer's) for faster inference once the float weights are loaded (see ``CheckpointMixin.quantize``).
     """
     resolved = resolve_checkpoint(str(name_or_path), revision=revision)
     config, config_sha256 = read_config(resolved.folder)
@@ -61,4 +63,7 @@ def load_model(name_or_path: str | Path, revision: str | None = None, **kwargs: 
         cls = model_class(config["model_type"])
     except UnknownModelTypeError as exc:
         raise UnknownModelTypeError(f"{resolved.folder / CONFIG_FILE}: {exc}") from None
-    return cls.from_resolved(resolved, config, config_sha256, **kwargs)
+    model = cls.from_resolved(resolved, config, config_sha256, **kwargs)
+    if quantization is not None:
+        model.quantize(quantization)
+    return model

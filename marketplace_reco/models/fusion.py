@@ -161,6 +161,10 @@ class FusionClassifier(nn.Module, TorchCheckpointMixin):
                 branch.eval()
         return self
 
+    def _int8_layers(self) -> list[str]:
+        return [f"{branch}.{name}" for branch in ("image_branch", "text_branch")
+                for name in getattr(self, branch)._int8_layers()]
+
     def _save_extra_files(self, folder: Path) -> list[str]:
         # A text branch with files of its own (a tokenizer) keeps them in a subfolder.
         return [f"text_branch/{name}" for name in self.text_branch._save_extra_files(folder / "text_branch")]

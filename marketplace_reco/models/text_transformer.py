@@ -2,8 +2,10 @@
 
 Word pieces -> any Hugging Face encoder (``transformers.AutoModel``, default
 ``sentence-transformers/all-MiniLM-L6-v2``) -> mean of its last hidden states over the text's word pieces ->
-dropout -> feature layer (Linear + GELU, reused by the fusion model and by ``embed``) -> dropout -> classes.
-``predict_proba`` divides the logits by a temperature fitted on validation texts (``training.text_transformer``).
+dropout -> feature layer (Linear + GELU, reused by the fusion model and by ``embed``) -> dropout -> classes; plus,
+by default, a lexical head (``_lexical``: a linear model over hashed word 1-2-gram TF-IDF, fitted after the
+encoder) whose scores, times a weight chosen on validation texts, join the logits. ``predict_proba`` divides the
+logits by a temperature fitted on validation texts (``training.text_transformer``).
 
 A text longer than ``max_length`` word pieces keeps its first ``head_length`` pieces and its last ones (head +
 tail truncation): a listing's title and first lines say most, and its last lines often name the item again.
@@ -29,10 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from torch import nn
 
+from ..data.text import TextPreprocessor
 from ._calibration import TemperatureMixin, checked_temperature
 from ._checkpoint import TorchCheckpointMixin
+from ._lexical import LexicalHead
 from ._listings import l2_normalize_rows
 from ._registry import register_model
 from .errors import CheckpointError, ModelConfigError
@@ -72,6 +77,15 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return padded, mask
 
 
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers: its longest ``ModuleList`` (``encoder.layer`` in BERT,
+    ``transformer.layer`` in DistilBERT)."""
+    stacks = [module for module in encoder.modules() if isinstance(module, nn.ModuleList)]
+    if not stacks:
+        raise ModelConfigError(f"cannot find the layers of the encoder {type(encoder).__name__}")
+    return max(stacks, key=len)
+
+
 def _encoder_config_dict(config: Any) -> dict[str, Any]:
     """The encoder's configuration as JSON-ready data, without the keys that only record how it was saved."""
     values = config.to_dict()
@@ -100,8 +114,9 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
     input_kind = "text"
     description = (
         "Text transformer: a pretrained BERT-class encoder fine-tuned on the listing name and description (head + "
-        "tail truncated word pieces), mean pooling, dropout, a feature layer and a linear classifier, calibrated "
-        "by a temperature fitted on validation texts."
+        "tail truncated word pieces), mean pooling, dropout, a feature layer and a linear classifier, plus a lexical "
+        "head (linear SVM over hashed word 1-2-gram TF-IDF) added to its logits, calibrated by a temperature fitted "
+        "on validation texts."
     )
 
     def __init__(
@@ -114,6 +129,9 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         pooling: str = "mean",
         feature_dim: int = 256,
         dropout: float = 0.1,
+        lexical_features: int = 2**20,
+        lexical_preprocessing: dict[str, Any] | None = None,
+        lexical_weight: float = 1.0,
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
@@ -121,6 +139,8 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
             raise ModelConfigError("TextTransformerClassifier needs at least one class")
         if pooling not in POOLINGS:
             raise ModelConfigError(f"pooling must be one of {list(POOLINGS)}, not {pooling!r}")
+        if lexical_features < 0:
+            raise ModelConfigError(f"lexical_features must be 0 (none) or more, not {lexical_features}")
         if max_length < 8 or not 0 <= head_length <= max_length:
             raise ModelConfigError(f"max_length must be at least 8 and head_length between 0 and max_length, got "
                                    f"max_length={max_length}, head_length={head_length}")
@@ -156,7 +176,13 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         self.classifier = nn.Linear(feature_dim, len(self.classes))
         #: Width of ``features`` (what the fusion model's concat head reads).
         self.feature_dim = feature_dim
-        self._record_config(encoder_config=encoder_config)
+        #: The wide part (``_lexical``), fitted after the encoder; its scores times ``lexical_weight`` join the logits.
+        self.lexical: LexicalHead | None = None
+        self.lexical_weight = float(lexical_weight)
+        if lexical_features:
+            lexical_preprocessing = lexical_preprocessing or TextPreprocessor().to_config()
+            self.lexical = LexicalHead(len(self.classes), lexical_features, lexical_preprocessing)
+        self._record_config(encoder_config=encoder_config, lexical_preprocessing=lexical_preprocessing)
         self.eval()
 
     # ---- the tokenizer as checkpoint files ---------------------------------------------------------
@@ -197,6 +223,14 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[n, n_classes] uncalibrated logits."""
         return self.classifier(self.dropout(self.features(input_ids, attention_mask)))
+
+    def _int8_layers(self) -> list[str]:
+        # Each transformer layer's feed-forward expansion (its widest linear layer): /text p50 34.2 -> 28.6 ms at
+        # the same accuracy (reports/bench_serving_text_transformer*.md). Quantizing the attention projections or
+        # the feed-forward output too (inputs with outliers) was faster but cost about a point on validation texts.
+        names = {id(module): name for name, module in self.named_modules()}
+        return [names[id(max((module for module in layer.modules() if isinstance(module, nn.Linear)),
+                             key=lambda linear: linear.out_features))] for layer in encoder_layers(self.encoder)]
 
     # ---- raw text ----------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> EncodedTexts:
@@ -260,9 +294,19 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
             raise ValueError("TextTransformerClassifier.embed needs texts=[...]; this model does not use images")
         return l2_normalize_rows(self.extract_features(texts))
 
+    def set_lexical_weight(self, weight: float) -> None:
+        """How much the lexical head's scores count in ``logits`` (fitted on validation texts), recorded in the
+        config."""
+        self.lexical_weight = float(weight)
+        self._record_config(lexical_weight=self.lexical_weight)
+
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """[n, n_classes] uncalibrated logits of raw texts (what the temperature is fitted on)."""
-        return self._batched(texts, self, len(self.classes))
+        """[n, n_classes] uncalibrated logits of raw texts (what the temperature is fitted on): the encoder's head,
+        plus ``lexical_weight`` x the lexical head's scores when the model has one."""
+        logits = self._batched(texts, self, len(self.classes))
+        if self.lexical is not None and len(texts):
+            logits += self.lexical_weight * self.lexical.scores(texts)
+        return logits
 
     def predict_proba(self, images: Any = None, texts: Sequence[str] | None = None) -> np.ndarray:
         """[n, n_classes] calibrated class probabilities of raw texts; an empty or all-unknown text still gets a
@@ -270,5 +314,4 @@ class TextTransformerClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixi
         if texts is None:
             raise ValueError("TextTransformerClassifier.predict_proba needs texts=[...]; this model does not use "
                              "images")
-        return self._batched(texts, lambda ids, mask: torch.softmax(self(ids, mask) / self.temperature, dim=1),
-                             len(self.classes))
+        return softmax(self.logits(texts) / self.temperature, axis=1).astype(np.float32)

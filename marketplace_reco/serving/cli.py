@@ -27,7 +27,7 @@ _OVERRIDABLE = ("image_model", "image_model_revision", "text_model", "text_model
                 "max_request_pixels", "max_pixels_in_flight", "max_request_text_chars", "max_items_per_request",
                 "max_batch_size", "max_batch_wait_ms", "max_queued_inputs", "inference_timeout_s",
                 "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "api_keys_file", "torch_threads",
-                "index", "index_revision", "similar_model", "db_url")
+                "index", "index_revision", "similar_model", "db_url", "quantization")
 _ANNOUNCE_POLL_S = 0.2
 
 

@@ -295,7 +295,8 @@ class ModelPool:
             raise InferenceTimeoutError(timeout_s) from None
 
     def _load(self, name: str, revision: str | None) -> Predictor:
-        predictor = Predictor.from_pretrained(name, revision, max_image_pixels=self._settings.max_image_pixels)
+        predictor = Predictor.from_pretrained(name, revision, max_image_pixels=self._settings.max_image_pixels,
+                                              quantization=self._settings.quantization)
         expected = [endpoint for endpoint, served_name in self.endpoints.items() if served_name == name]
         for endpoint in expected:
             if predictor.input_kind != ENDPOINT_INPUT_KINDS[endpoint]:

@@ -52,9 +52,10 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, revision: str | None = None, *,
-                        max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
+                        max_image_pixels: int = DEFAULT_MAX_PIXELS, quantization: str | None = None) -> Predictor:
         """Load a classifier the way ``load_model`` does: checkpoint name, folder, ``s3://`` or hub repo id."""
-        return cls(load_model(name_or_path, revision=revision), name=name_or_path, max_image_pixels=max_image_pixels)
+        return cls(load_model(name_or_path, revision=revision, quantization=quantization), name=name_or_path,
+                   max_image_pixels=max_image_pixels)
 
     @property
     def input_kind(self) -> str:
@@ -79,6 +80,7 @@ class Predictor:
             "classes": self.classes,
             "preprocessing": config.get("preprocessing") or {},
             "metrics": config.get("metrics") or {},
+            "quantization": self.model.quantization,
         }
 
     def load_image(self, source: ImageSource, name: str | None = None) -> Image.Image:

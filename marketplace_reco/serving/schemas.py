@@ -64,6 +64,8 @@ class ModelInfo(BaseModel):
     classes: list[str]
     preprocessing: dict[str, Any]
     metrics: dict[str, Any]
+    quantization: str | None = Field(description="'int8' when the server runs some of the model's linear layers "
+                                                 "quantized (MARKETPLACE_QUANTIZATION), null for its float weights")
 
 
 class ModelList(BaseModel):

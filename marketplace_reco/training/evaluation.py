@@ -83,20 +83,24 @@ def evaluate_model(model: CheckpointMixin, split: Marketplace, name: str = "test
 
 
 def evaluate_checkpoints(names: Sequence[str], marketplace: Marketplace, output: Path,
-                         revision: str | None = None) -> dict[str, dict[str, Any]]:
-    """Load each named checkpoint, score it on every product of ``marketplace`` and write its ``metrics.json`` and
-    ``confusion_matrix.png`` under ``output/<name>/``; the metrics by name, each with its model's identity."""
+                         revision: str | None = None, quantization: str | None = None) -> dict[str, dict[str, Any]]:
+    """Load each named checkpoint (quantized as a server with ``MARKETPLACE_QUANTIZATION`` would, if asked), score
+    it on every product of ``marketplace`` and write its ``metrics.json`` and ``confusion_matrix.png`` under
+    ``output/<name>[_<quantization>]/``; the metrics by name, each with its model's identity."""
     results = {}
     for name in names:
-        model = load_model(name, revision=revision)
+        model = load_model(name, revision=revision, quantization=quantization)
+        # A model with nothing to quantize is scored as it is, and labelled so.
+        label = name if model.quantization is None else f"{name} ({model.quantization})"
         metrics = evaluate_model(model, marketplace, name="evaluation")
-        metrics["model"] = {"name": name, "type": model.model_type, "revision": model.source.get("revision", "")}
-        folder = output / re.sub(r"[^\w.-]+", "_", name).strip("_")
+        metrics["model"] = {"name": name, "type": model.model_type, "revision": model.source.get("revision", ""),
+                            "quantization": model.quantization}
+        folder = output / re.sub(r"[^\w.-]+", "_", label).strip("_")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        plot_confusion_matrix(metrics, model.classes, folder / "confusion_matrix.png", f"{name} ({model.model_type})")
+        plot_confusion_matrix(metrics, model.classes, folder / "confusion_matrix.png", f"{label} ({model.model_type})")
         metrics["model"]["output"] = str(folder)
-        results[name] = metrics
+        results[label] = metrics
     return results
 
 

@@ -2,7 +2,7 @@
 
 A fine-tuned transformer reads meaning; a linear model over word n-grams reads exact words (brands, model numbers,
 "ps4", "pram") that a few thousand training texts teach it directly. Their errors differ, so their sum is better
-than either (measured in ``reports/bench_text_transformer.md``). The n-grams are hashed (scikit-learn's
+than either (measured in ``reports/bench_text_transformer_lexical.md``). The n-grams are hashed (scikit-learn's
 ``HashingVectorizer``: MurmurHash3, stable across versions), so the checkpoint holds no vocabulary, only arrays:
 the inverse document frequencies, the weights and the biases; the tokenisation (``TextPreprocessor``) is in the
 owning model's ``config.json``. It is fitted after the encoder (``training.text_transformer``).
@@ -45,18 +45,18 @@ class LexicalHead(nn.Module):
                                     dtype=np.float32)
         return hashing.transform(list(texts))
 
-    def features(self, texts: Sequence[str]) -> sp.csr_matrix:
-        """[n, n_features] l2-normalised sublinear TF-IDF rows (the fitted ``idf``, 0 for n-grams no training text
-        has); a text without a known n-gram is a zero row."""
+    def features(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        """[n, n_features] l2-normalised sublinear TF-IDF rows of ``counts`` (the fitted ``idf``, 0 for n-grams no
+        training text has; ``counts`` is overwritten); a text without a known n-gram is a zero row."""
         from sklearn.preprocessing import normalize
 
-        matrix = self.counts(texts)
-        matrix.data = (1.0 + np.log(matrix.data)) * _array(self.idf)[matrix.indices]
-        return normalize(matrix, copy=False)
+        counts.data = (1.0 + np.log(counts.data)) * _array(self.idf)[counts.indices]
+        return normalize(counts, copy=False)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """[n, n_classes] float32 linear scores of raw texts."""
-        return np.asarray(self.features(texts) @ _array(self.weight) + _array(self.bias), dtype=np.float32)
+        return np.asarray(self.features(self.counts(texts)) @ _array(self.weight) + _array(self.bias),
+                          dtype=np.float32)
 
 
 def _array(buffer: torch.Tensor) -> np.ndarray:

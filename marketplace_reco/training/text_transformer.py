@@ -148,9 +148,10 @@ def train(model: TextTransformerClassifier, splits: dict[str, Marketplace], conf
     model.eval()
     val_texts, val_labels = splits["val"].products["text"].tolist(), splits["val"].label_indices
     val_logits = model.logits(val_texts)  # the encoder's alone: a lexical head is still all zeros
-    lexical = fit_lexical_head(model, splits, val_logits, seed=config.seed) if model.lexical is not None else None
-    if lexical is not None:
-        val_logits = model.logits(val_texts)
+    lexical = None
+    if model.lexical is not None:
+        lexical = fit_lexical_head(model, splits, val_logits, seed=config.seed)
+        val_logits = val_logits + model.lexical_weight * model.lexical.scores(val_texts)  # what logits() now gives
     temperature, calibration = calibrate_on_texts(val_logits, val_labels)
     model.calibrate(temperature)
     return TrainResult(
@@ -183,7 +184,7 @@ def fit_lexical_head(model: TextTransformerClassifier, splits: dict[str, Marketp
     # (a large idf would only make the known n-grams of a text count less against the biases).
     idf = np.log((1 + counts.shape[0]) / (1 + document_frequency)) + 1.0
     head.idf.copy_(torch.from_numpy(np.where(document_frequency > 0, idf, 0.0)))
-    svm = LinearSVC(C=1.0, random_state=seed).fit(head.features(train.products["text"].tolist()), train.label_indices)
+    svm = LinearSVC(C=1.0, random_state=seed).fit(head.features(counts), train.label_indices)
     coef, intercept = svm.coef_, svm.intercept_
     if len(svm.classes_) == 2:  # a binary SVM has one row: the second class's score, the first's is its opposite
         coef, intercept = np.concatenate([-coef, coef]), np.concatenate([-intercept, intercept])

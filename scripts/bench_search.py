@@ -17,8 +17,9 @@ Sections, each printed as a table and written to reports/bench_search.md:
    query p50/p99 over SQL for several ``hnsw.ef_search``;
 4. retrieval quality on real listings (with --image-model / --text-model / --fusion-model, checkpoint names or
    paths): same-listing recall@1/@10 and MRR (a photo as the query over the exact index of every photo; the answers
-   are its listing's other photos, listings with >= 2 photos), category precision@10 listing -> listings for image,
-   text and fusion vectors, query latency p50/p99 in process and over HTTP (``POST /similar`` on a loopback
+   are its listing's other photos, listings with >= 2 photos; the queries are the listings the image model was not
+   trained on, when its recorded split can be rebuilt from the data), category precision@10 listing -> listings
+   for image, text and fusion vectors, query latency p50/p99 in process and over HTTP (``POST /similar`` on a loopback
    uvicorn) with ``--http-listings`` listings (the real listings' vectors padded with synthetic ones of the same
    dimension), and the time to embed and index.
 Query latencies are measured one query at a time with one FAISS thread (a server answers one request per worker);
@@ -60,6 +61,7 @@ from sqlalchemy import Engine, insert, text
 
 from marketplace_reco._progress import progress_bar
 from marketplace_reco.data.database import open_engine
+from marketplace_reco.data.dataset import load_marketplace
 from marketplace_reco.data.image_store import ImageStore, open_image_store
 from marketplace_reco.data.images import load_image
 from marketplace_reco.data.importer import import_csv
@@ -73,6 +75,7 @@ from marketplace_reco.search.pgvector_index import PgvectorListingIndex
 from marketplace_reco.serving import ServingSettings, create_app
 from marketplace_reco.serving.connections import uvicorn_config
 from marketplace_reco.settings import benchmark_export_dir, reports_dir
+from marketplace_reco.training.runs import products_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -350,8 +353,8 @@ class Embedded:
 
 def image_features(model: ImageClassifier, catalogue: pd.DataFrame, store: ImageStore,
                    batch: int = 64) -> tuple[list[str], list[str], np.ndarray]:
-    """(photo ids, their listing ids, pooled backbone rows: what ``embed`` averages) of every photo: what both image
-    indexes come from."""
+    """(photo ids, their listing ids, ``photo_vectors`` rows: what ``embed`` averages) of every photo: what both
+    image indexes come from."""
     photo_ids = [image_id for image_ids in catalogue["image_ids"] for image_id in image_ids]
     owners = [listing for listing, image_ids in zip(catalogue["listing_id"], catalogue["image_ids"])
               for _ in image_ids]
@@ -359,7 +362,7 @@ def image_features(model: ImageClassifier, catalogue: pd.DataFrame, store: Image
     for start in progress_bar(range(0, len(photo_ids), batch), desc="image features", unit="batch"):
         chunk = photo_ids[start:start + batch]
         encoded = store.get_many(chunk)
-        rows.append(model.pooled_features([load_image(encoded[image_id], name=image_id) for image_id in chunk]))
+        rows.append(model.photo_vectors([load_image(encoded[image_id], name=image_id) for image_id in chunk]))
     return photo_ids, owners, np.concatenate(rows)
 
 
@@ -380,15 +383,29 @@ def exact_index(embedded: Embedded, name: str, encodes: str) -> FaissListingInde
     return index
 
 
-def same_listing_recall(photo_ids: list[str], owners: list[str], photo_vectors: np.ndarray) -> list[object]:
-    """A photo as the query over the index of every photo, itself left out; the answers are its listing's other
-    photos (listings with >= 2 photos). recall@k: share of queries with one of them in the top k; MRR: mean of
-    1 / rank of the first one."""
+def held_out_listings(model: ImageClassifier, db_url: str, images: str) -> set[str] | None:
+    """The listings ``model`` was not trained on: its recorded split (seed, default fractions 0.8 / 0.1 / 0.1) rebuilt
+    from this data, if it gives the training products the model records; None if it does not."""
+    summary = model.data_summary
+    if "seed" not in summary or "train_products" not in summary:
+        return None
+    splits = load_marketplace(db_url, images).split((0.8, 0.1, 0.1), seed=summary["seed"])
+    if products_fingerprint(splits["train"].products["product_id"]) != summary["train_products"]:
+        return None
+    return {str(product) for name in ("val", "test") for product in splits[name].products["product_id"]}
+
+
+def same_listing_recall(photo_ids: list[str], owners: list[str], photo_vectors: np.ndarray,
+                        query_listings: set[str] | None) -> list[object]:
+    """A photo of ``query_listings`` (None: of any listing) as the query over the index of every photo, itself left
+    out; the answers are its listing's other photos (listings with >= 2 photos). recall@k: share of queries with
+    one of them in the top k; MRR: mean of 1 / rank of the first one."""
     index = exact_index(Embedded(photo_ids, photo_vectors), "photos", "image")
     by_listing: dict[str, set[str]] = {}
     for photo, owner in zip(photo_ids, owners):
         by_listing.setdefault(owner, set()).add(photo)
-    queries = [i for i, owner in enumerate(owners) if len(by_listing[owner]) >= 2 and photo_ids[i] in index]
+    queries = [i for i, owner in enumerate(owners) if len(by_listing[owner]) >= 2 and photo_ids[i] in index
+               and (query_listings is None or owner in query_listings)]
     ranks = []
     for start in range(0, len(queries), 256):
         chunk = queries[start:start + 256]
@@ -500,20 +517,24 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
             started = time.perf_counter()
             photo_ids, owners, features = image_features(image_model, catalogue, store)
             seconds = time.perf_counter() - started
+            held_out = held_out_listings(image_model, db_url, args.images or str(args.data / "images"))
             photo_vectors = l2_normalize_rows(features)
             listing_order = list(dict.fromkeys(owners))
             position = {listing: i for i, listing in enumerate(listing_order)}
             listing_vectors = l2_normalize_rows(mean_by_listing(
                 features, np.array([position[o] for o in owners]), len(listing_order)))
             embedded["image"] = Embedded(listing_order, listing_vectors)
-            build_rows.append(["image (every photo's pooled backbone output)", len(photo_ids), f"{seconds:.1f}"])
+            build_rows.append(["image (every photo's vector)", len(photo_ids), f"{seconds:.1f}"])
             say("same-listing recall")
-            recall = same_listing_recall(photo_ids, owners, photo_vectors)
+            recall = same_listing_recall(photo_ids, owners, photo_vectors, held_out)
+            queries_from = ("the listings the image model was not trained on (its validation and test products)"
+                            if held_out is not None else "every listing (the image model's training split could not "
+                            "be rebuilt from this data, so some queries are listings it was trained on)")
             sections += ["### Same-listing recall (image index of photos)",
                          ("A photo as the query over the exact index of every photo (itself left out); the answers "
                           "are the other photos of its listing (listings with >= 2 photos). recall@k: share of "
                           "queries with one of them in the top k; MRR: mean of 1 / rank of the first one within the "
-                          "top 10."),
+                          f"top 10. Queries: photos of {queries_from}."),
                          table(["queries", "recall@1", "recall@10", "MRR@10"], [recall])]
         if args.text_model:
             text_model = load_model(args.text_model)

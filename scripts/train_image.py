@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from marketplace_reco.data import Marketplace
-from marketplace_reco.models import ImageClassifier
+from marketplace_reco.models import DEFAULT_RETRIEVAL, ImageClassifier
 from marketplace_reco.training import TrainResult, image_classifier, runs
 from marketplace_reco.training.distributed import DistributedContext
 
@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--flip-averaging", action=argparse.BooleanOptionalAction, default=_MODEL["flip_averaging"],
                        help="predict from the mean logits of each photo and its mirror image, in evaluation and "
                             "serving alike (default: %(default)s)")
+    group.add_argument("--retrieval-dim", type=int, default=DEFAULT_RETRIEVAL["dim"],
+                       help="width of the similar-listing vectors (several backbone stages and a colour histogram, "
+                            "with a learned whitening fitted on the training listings' photo pairs); 0: the "
+                            "pooled backbone output instead (default: %(default)s)")
     runs.add_config_arguments(parser, image_classifier.ImageTrainConfig, "training")
     return parser
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             feature_dim=args.feature_dim, dropout=args.dropout, flip_averaging=args.flip_averaging,
             preprocessing={"image_size": args.image_size} if args.image_size else None,
             pretrained=str(args.weights) if args.weights else not args.no_pretrained,
+            retrieval={"dim": args.retrieval_dim} if args.retrieval_dim else None,
         )
         return model, image_classifier.train(model, splits, config, context)
 

@@ -34,5 +34,7 @@ def test_train_image_runs_unchanged_under_torchrun_with_two_processes(sample_dat
     assert isinstance(model, ImageClassifier)
     assert model.metrics["processes"] == 2 and model.metrics["feature_cache"] is True
     assert model.metrics["unit"] == "products" and 0.0 <= model.metrics["accuracy"] <= 1.0
+    # Every rank fitted the same similar-listing whitening (the script's default) on all the training pairs.
+    assert model.embedding_dim == 512 and model.metrics["retrieval"]["pairs"] > 0
     history = json.loads((checkpoints / "image-ddp" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2]

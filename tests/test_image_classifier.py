@@ -1,6 +1,7 @@
 """ImageClassifier: block-wise unfreezing and the frozen/trainable split, preprocessing from the config, flip
 averaging and temperature, checkpoints (old ones too), pretrained weights by hub name and from a file, training
-with and without the feature cache, cached augmented views, calibration, and the training script."""
+with and without the feature cache, cached augmented views, calibration, the similar-listing descriptor and its
+learned whitening, and the training script."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ from marketplace_reco.data.dataset import Marketplace
 from marketplace_reco.models import ModelConfigError, load_model
 from marketplace_reco.models.image_classifier import ImageClassifier, PretrainedWeightsError, backbone_blocks
 from marketplace_reco.training import FeatureCache, evaluate_model
-from marketplace_reco.training.image_classifier import ImageTrainConfig, cache_trunk_outputs, train, trunk_fingerprint
+from marketplace_reco.training.image_classifier import (
+    RETRIEVAL_REGULARIZATIONS,
+    ImageTrainConfig,
+    cache_trunk_outputs,
+    fit_retrieval,
+    learned_whitening,
+    train,
+    trunk_fingerprint,
+)
 from marketplace_reco.training.image_data import (
     RandomViewBatches,
     SplitImages,
@@ -30,6 +39,7 @@ from marketplace_reco.training.image_data import (
     render_view,
     view_key,
 )
+from marketplace_reco.training.metrics import same_listing_recall
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bikes", "chairs", "phones"]
@@ -526,3 +536,95 @@ def test_train_script_with_a_hub_backbone_records_its_recipe(sample_data: dict[s
     assert frozen and all(torch.equal(value, written[key]) for key, value in frozen.items())
     card = (folder / "README.md").read_text()
     assert "| expected calibration error (15 bins) |" in card and '"augmented_views": 1' in card
+
+
+# ---- the similar-listing descriptor -------------------------------------------------------------------------
+def test_learned_whitening_brings_two_photos_of_a_listing_together() -> None:
+    # 200 listings, two photos each: a listing's signal plus a large nuisance (lighting, angle) in a few directions
+    # shared by no listing; raw cosine neighbours are ruled by the nuisance, whitened ones by the listing.
+    rng = np.random.default_rng(0)
+    signal = np.repeat(rng.normal(size=(200, 24)), 2, axis=0)
+    nuisance = np.zeros_like(signal)
+    nuisance[:, :4] = 6.0 * rng.normal(size=(400, 4))
+    descriptors = signal + nuisance + 0.1 * rng.normal(size=signal.shape)
+    owners = np.repeat(np.arange(200), 2)
+    pairs = np.arange(400).reshape(200, 2)
+    mean, projection = learned_whitening(descriptors[:200], pairs[:100], dim=16, regularization=1e-3)
+    assert mean.shape == (24,) and projection.shape == (24, 16)
+    held_out = descriptors[200:], owners[200:]  # listings the whitening never saw
+    assert same_listing_recall(*held_out, k=1) < 0.5
+    assert same_listing_recall((held_out[0] - mean) @ projection, held_out[1], k=1) > 0.95
+
+
+def test_same_listing_recall_counts_a_hit_among_the_k_nearest_other_photos() -> None:
+    vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.3, 0.7], [0.1, 0.9]])
+    owners = ["a", "a", "b", "b", "c"]  # c has one photo: not a query
+    # a's photos are each other's nearest; c's photo comes before the other photo of b for both of b's.
+    assert same_listing_recall(vectors, owners, k=1) == pytest.approx(2 / 4)
+    assert same_listing_recall(vectors, owners, k=2) == pytest.approx(1.0)
+
+
+def test_a_retrieval_descriptor_is_fitted_by_training_and_saved_with_the_model(sample_marketplace: Marketplace,
+                                                                               tmp_path: Path) -> None:
+    splits = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)
+    model = _tiny(splits["train"].classes, backbone="test_efficientnet", retrieval={"dim": 12})
+    photos = _photos(5, seed=2)
+    with pytest.raises(ModelConfigError, match="not fitted yet"):
+        model.embed(images=[photos[:2]])
+    widths = model.retrieval.block_widths
+    # The last 4 stages' pooled outputs, the pooled output and the 8 x 8 x 8 colour histogram.
+    assert len(widths) == 6 and widths[-2] == model.backbone.num_features and widths[-1] == 512
+    result = train(model, splits, ImageTrainConfig(epochs=1, patience=1, batch_size=16))
+    fit = result.metrics["retrieval"]
+    train_photos = SplitImages.from_split(splits["train"], "train")
+    multi = [p for p in set(train_photos.image_products) if (train_photos.image_products == p).sum() >= 2]
+    assert fit["photos"] == sum((train_photos.image_products == p).sum() for p in multi)
+    assert fit["pairs"] == fit["photos"] - len(multi) > 0
+    recall = fit["validation_same_listing_recall_at_10"]
+    assert set(recall) == {"pooled_output", *(f"regularization {r}" for r in RETRIEVAL_REGULARIZATIONS)}
+    assert all(0.0 <= v <= 1.0 for v in recall.values())
+    assert recall[f"regularization {fit['regularization']}"] == max(recall[f"regularization {r}"]
+                                                                    for r in RETRIEVAL_REGULARIZATIONS)
+
+    vectors = model.embed(images=[photos[:2], photos[2]])
+    assert vectors.shape == (2, 12) == (2, model.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    photo_vectors = model.photo_vectors(photos[:3])
+    expected = np.stack([photo_vectors[:2].mean(axis=0), photo_vectors[2]])
+    np.testing.assert_allclose(vectors, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+    # A photo's colours are part of its vector: the same photo in other colours moves it.
+    recoloured = Image.fromarray(np.asarray(photos[0])[..., ::-1].copy())
+    assert not np.allclose(model.photo_vectors([recoloured]), photo_vectors[:1], atol=1e-3)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert {"retrieval.block_mean", "retrieval.mean", "retrieval.projection"} <= set(weights)
+    loaded = load_model(str(tmp_path / "ckpt"))
+    assert loaded.config["retrieval"] == {"dim": 12, "stages": 4, "colour_bins": 8, "colour_weight": 1.5}
+    np.testing.assert_allclose(loaded.embed(images=[photos[:2], photos[2]]), vectors, atol=1e-6)
+
+
+def test_the_whitening_without_validation_pairs_keeps_the_first_ridge_and_needs_training_pairs(
+        sample_marketplace: Marketplace) -> None:
+    splits = sample_marketplace.split((0.6, 0.2, 0.2), seed=0)
+    photos = splits["val"].products["image_ids"].map(len)
+    single = {**splits, "val": splits["val"].subset(splits["val"].products["product_id"][photos == 1])}
+    model = _tiny(splits["train"].classes, retrieval={"dim": 8})
+    fit = fit_retrieval(model, single)
+    assert fit["regularization"] == RETRIEVAL_REGULARIZATIONS[0] and "validation_same_listing_recall_at_10" not in fit
+    assert model.embed(images=[_photos(1)[0]]).shape == (1, 8)
+    photos = splits["train"].products["image_ids"].map(len)
+    lonely = {**splits, "train": splits["train"].subset(splits["train"].products["product_id"][photos == 1])}
+    with pytest.raises(ModelConfigError, match="two or more photos"):
+        fit_retrieval(_tiny(splits["train"].classes, retrieval={"dim": 8}), lonely)
+
+
+def test_bad_retrieval_settings_are_clear_errors() -> None:
+    with pytest.raises(ModelConfigError, match="unknown key"):
+        _tiny(retrieval={"size": 8})
+    with pytest.raises(ModelConfigError, match="dim must be a positive integer"):
+        _tiny(retrieval={"dim": 0})
+    with pytest.raises(ModelConfigError, match="exceeds the descriptor"):
+        _tiny(retrieval={"dim": 100_000})
+    with pytest.raises(ModelConfigError, match="no retrieval descriptor"):
+        _tiny().retrieval_descriptors(_photos(1))

@@ -60,7 +60,7 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:
 def test_an_image_listing_vector_is_its_photos_mean_pooled_backbone_output_normalised(models: dict) -> None:
     model = models[IMAGE_MODEL]
     vectors = model.embed(images=[[RED, GREEN], BLUE])
-    features = model.pooled_features([RED, GREEN, BLUE])
+    features = model.photo_vectors([RED, GREEN, BLUE])
     assert features.shape[1] == model.embedding_dim == model.backbone.num_features  # before the feature layer
     expected = unit_rows(np.stack([features[:2].mean(axis=0), features[2]]))
     assert vectors.shape == (2, model.embedding_dim) and vectors.dtype == np.float32

@@ -10,6 +10,7 @@ from ._hub import DEFAULT_REVISION, ResolvedCheckpoint, pull_checkpoint, push_ch
 from ._listings import ListingImages, mean_by_listing
 from ._quantization import QUANTIZATIONS, check_quantization
 from ._registry import create_model, list_models, load_model, register_model
+from ._retrieval import DEFAULT_RETRIEVAL
 from .errors import CheckpointError, CheckpointNotFoundError, HubError, ModelConfigError, UnknownModelTypeError
 from .fusion import FusionClassifier
 from .hog_svm import HogSvmClassifier
@@ -23,6 +24,7 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "read_config",
+    "DEFAULT_RETRIEVAL",
     "DEFAULT_REVISION",
     "FORMAT_VERSION",
     "QUANTIZATIONS",

@@ -18,6 +18,11 @@ layer and head train), or ``"all"``. Checkpoints saved before blocks were the un
 (trailing parameterised layers); ``upgrade_config`` maps them to the fewest whole blocks holding those layers,
 which leaves their predictions unchanged (the split decides what may train, not what the network computes).
 
+Similar-listing search: ``embed`` gives a listing's photos' ``photo_vectors`` averaged and normalised. With
+``retrieval`` (``_retrieval``: several backbone stages and a colour histogram, whitened for matching photos of one
+listing, fitted by the trainer) they are made to find a photo's listing; without it they are the pooled backbone
+output.
+
 Predictions: ``predict_proba`` is the softmax of the logits divided by ``temperature`` (fitted on validation
 data by the trainer, so that probabilities mean what they say); with ``flip_averaging`` the logits are the mean
 of the photo's and its mirror image's. Preprocessing (image size, letterbox fill, mean/std from timm's data
@@ -49,6 +54,7 @@ from ._checkpoint import TorchCheckpointMixin
 from ._format import read_config
 from ._listings import ListingImages, listing_photo_embeddings
 from ._registry import register_model
+from ._retrieval import RetrievalDescriptor, checked_retrieval
 from .errors import CheckpointError, ModelConfigError
 
 #: Default ``trainable_blocks``: the backbone's last block (ResNet-50's ``layer4.2``).
@@ -290,12 +296,16 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
     only matters when a model is created: loading a checkpoint never downloads anything, the trunk's weights are
     in the checkpoint. ``temperature`` divides the logits in ``predict_proba`` (1: as trained; the trainer fits it
     on validation data); ``flip_averaging`` averages the logits of each photo and its mirror image.
+    ``retrieval`` (``None``, or settings of ``_retrieval.DEFAULT_RETRIEVAL``, missing keys taking their defaults)
+    adds the similar-listing descriptor whose whitening the trainer fits.
     """
 
     input_kind = "image"
     description = ("Photo classifier: a timm backbone (transfer learning, last blocks trainable) with a feature "
                    "layer and a linear head; photos are letterboxed and normalised as recorded in the config, "
-                   "probabilities calibrated by a temperature fitted on validation photos.")
+                   "probabilities calibrated by a temperature fitted on validation photos. With a retrieval "
+                   "descriptor, listing vectors for similar-listing search from several backbone stages and the "
+                   "photo's colours, whitened on pairs of photos of the training listings.")
 
     def __init__(
         self,
@@ -308,6 +318,7 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
         flip_averaging: bool = False,
         temperature: float = 1.0,
         pretrained: bool | str = False,
+        retrieval: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if len(classes) < 2:
@@ -319,7 +330,14 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
         self.prediction_views = ["plain", "mirror"] if flip_averaging else ["plain"]
         self.backbone = _create_backbone(backbone, pretrained)
         self.preprocessing = _resolve_preprocessing(self.backbone, preprocessing)
-        self._record_config(preprocessing=self.preprocessing)
+        #: The similar-listing descriptor (``_retrieval``), or None: ``embed`` then averages pooled outputs.
+        self.retrieval: RetrievalDescriptor | None = None
+        if retrieval is not None:
+            retrieval = checked_retrieval(retrieval)
+            widths = RetrievalDescriptor.backbone_widths(self.backbone, retrieval["stages"],
+                                                         self.preprocessing["image_size"])
+            self.retrieval = RetrievalDescriptor(widths, **retrieval)
+        self._record_config(preprocessing=self.preprocessing, retrieval=retrieval)
         #: The backbone modules whose parameters train (those of its last ``trainable_blocks`` blocks).
         self.trainable_module_names = _select_trainable(self.backbone, backbone, trainable_blocks)
         for name, parameter in self.backbone.named_parameters():
@@ -417,6 +435,8 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
         return self.normalize(self.to_pixels(images))
 
     def _batched(self, images: Sequence[Image.Image], compute: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """``compute(pixels)`` over uint8 letterboxed pixels (``to_pixels``) of ``images``, batch by batch, in
+        inference mode, as float32 rows."""
         if images is None or len(images) == 0:
             raise ModelConfigError(f"{type(self).__name__} needs at least one image")
         device = next(self.parameters()).device
@@ -424,7 +444,7 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
         self.eval()
         try:
             with torch.inference_mode():
-                chunks = [compute(self.preprocess(images[start:start + INFERENCE_BATCH_SIZE]).to(device)).float().cpu()
+                chunks = [compute(self.to_pixels(images[start:start + INFERENCE_BATCH_SIZE]).to(device)).float().cpu()
                           for start in range(0, len(images), INFERENCE_BATCH_SIZE)]
         finally:
             self.train(was_training)
@@ -432,34 +452,52 @@ class ImageClassifier(nn.Module, TemperatureMixin, TorchCheckpointMixin):
 
     def extract_features(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Feature vectors [n, feature_dim] of PIL photos (the input of a fusion head)."""
-        return self._batched(images, self.features)
+        return self._batched(images, lambda pixels: self.features(self.normalize(pixels)))
 
-    def pooled_features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """The backbone's pooled output [n, pooled width] of PIL photos, before the feature layer: what ``embed``
-        averages per listing."""
-        return self._batched(images, lambda x: self.trainable_tail(*self.frozen_trunk(x)))
+    def retrieval_descriptors(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Raw similar-listing descriptors [n, input width] of PIL photos, before the whitening: what the trainer
+        fits it on."""
+        retrieval = self._checked_retrieval(fitted=False)
+        return self._batched(images, lambda pixels: retrieval.describe(self.backbone, self.normalize(pixels), pixels))
+
+    def photo_vectors(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[n, embedding_dim] vectors of PIL photos, what ``embed`` averages per listing: the whitened retrieval
+        descriptor with ``retrieval``, the backbone's pooled output (before the feature layer) without."""
+        if self.retrieval is None:
+            return self._batched(images, lambda pixels: self.trainable_tail(*self.frozen_trunk(self.normalize(pixels))))
+        retrieval = self._checked_retrieval(fitted=True)
+        return self._batched(images, lambda pixels: retrieval(
+            retrieval.describe(self.backbone, self.normalize(pixels), pixels)))
+
+    def _checked_retrieval(self, *, fitted: bool) -> RetrievalDescriptor:
+        if self.retrieval is None:
+            raise ModelConfigError("this image classifier has no retrieval descriptor (created with retrieval=None)")
+        if fitted and not bool(self.retrieval.projection.any()):
+            raise ModelConfigError("the retrieval whitening is not fitted yet: train the model "
+                                   "(training.image_classifier.train fits it on the training listings' photo pairs)")
+        return self.retrieval
 
     @property
     def embedding_dim(self) -> int:
-        """Width of ``embed``'s vectors: the backbone's pooled output."""
-        return self.feature[0].in_features
+        """Width of ``embed``'s vectors: the retrieval descriptor's, or the backbone's pooled output."""
+        return self.retrieval.dim if self.retrieval is not None else self.feature[0].in_features
 
     def embed(self, images: Sequence[ListingImages] | None = None, texts: Sequence[str] | None = None) -> np.ndarray:
         """[n_listings, embedding_dim] unit vectors of listings for similarity search: ``images[i]`` is a listing's
-        photo or list of photos, whose pooled backbone features (preprocessed as for prediction, without flip
-        averaging) are averaged, then L2-normalised. ``texts`` is ignored (an image-only model).
+        photo or list of photos, whose ``photo_vectors`` (preprocessed as for prediction, without flip averaging)
+        are averaged, then L2-normalised. ``texts`` is ignored (an image-only model).
 
-        The pooled backbone output rather than the feature layer: trained to separate 13 categories, the feature
-        layer forgets what tells two sofas apart; on the real listings the pooled output finds a photo's listing
-        among 10,107 photos far more often (recall@10 0.53 against 0.36, reports/bench_search_retrieval.md)."""
-        return listing_photo_embeddings(images if images is not None else [], self.pooled_features,
+        Not the feature layer: trained to separate 13 categories, it forgets what tells two sofas apart
+        (same-listing recall@10 among the real listings' photos in reports/bench_search_retrieval.md)."""
+        return listing_photo_embeddings(images if images is not None else [], self.photo_vectors,
                                         type(self).__name__)
 
     def predict_proba(self, images: Sequence[Image.Image] | None = None,
                       texts: Sequence[str] | None = None) -> np.ndarray:
         """Class probabilities [n, n_classes] of PIL photos (calibrated, flip-averaged if configured); ``texts`` is
         ignored (an image-only model)."""
-        return self._batched(images, lambda x: torch.softmax(self.prediction_logits(x), dim=1))
+        return self._batched(images, lambda pixels: torch.softmax(self.prediction_logits(self.normalize(pixels)),
+                                                                  dim=1))
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, config: dict[str, Any] | None = None,  # type: ignore[override]

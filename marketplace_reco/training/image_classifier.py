@@ -7,6 +7,9 @@ one of them per photo, drawn at random. The trunk's cost is paid once per view, 
 Calibration: after training, the temperature of ``predict_proba`` is fitted on the validation photos' logits (the
 model's prediction views averaged, as it predicts) so that the mean probabilities of each validation product's
 photos, the way products are scored and served, have the least negative log-likelihood.
+
+Similar-listing search: a model with a retrieval descriptor (``models._retrieval``) then has its learned whitening
+fitted on the pairs of photos of each training listing with two or more (``fit_retrieval``).
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from .image_data import (
     SplitImages,
     augmented_view_names,
     batch_loader,
+    image_chunks,
     load_pixels,
     parse_view_key,
     render_view,
     view_key,
 )
 from .loop import fit, one_cycle_adamw
-from .metrics import expected_calibration_error
+from .metrics import expected_calibration_error, same_listing_recall
 from .runs import TrainResult
 
 
@@ -160,6 +164,86 @@ def _calibrate(model: ImageClassifier, photos: SplitImages, logits: np.ndarray) 
             "validation_ece_before": before, "validation_ece_after": product_ece(temperature)}
 
 
+#: Ridges of the learned whitening tried, as shares of the matching differences' mean variance; the one with the
+#: best same-listing recall on the validation listings is kept (the first without validation pairs).
+RETRIEVAL_REGULARIZATIONS = (0.3, 0.1, 1.0)
+
+
+def learned_whitening(descriptors: np.ndarray, pairs: np.ndarray, dim: int,
+                      regularization: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [d], projection [d, dim]) of a learned whitening (Mikolajczyk and Matas) of ``descriptors`` [n, d]:
+    the covariance of the differences between matching rows ``pairs`` [m, 2], plus ``regularization`` times its
+    mean variance on the diagonal (so that few pairs cannot make it singular), is whitened away, then the ``dim``
+    directions of largest variance of the whitened rows are kept."""
+    mean = descriptors.mean(axis=0)
+    centred = descriptors - mean
+    differences = centred[pairs[:, 0]] - centred[pairs[:, 1]]
+    matching = differences.T @ differences / len(differences)
+    matching += regularization * np.trace(matching) / len(matching) * np.eye(len(matching))
+    values, vectors = np.linalg.eigh(matching)
+    whiten = (vectors / np.sqrt(values)) @ vectors.T
+    whitened = centred @ whiten
+    values, vectors = np.linalg.eigh(whitened.T @ whitened / len(whitened))
+    return mean, whiten @ vectors[:, np.argsort(-values)[:dim]]
+
+
+def _listing_pairs(photos: SplitImages) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The photos of the listings with two or more (ids, their listings) and the pairs [m, 2] of rows that are
+    photos of one listing (every photo with the listing's first)."""
+    rows: dict[Any, list[int]] = {}
+    for row, product in enumerate(photos.image_products):
+        rows.setdefault(product, []).append(row)
+    kept = [members for members in rows.values() if len(members) >= 2]
+    order = [row for members in kept for row in members]
+    position = {row: n for n, row in enumerate(order)}
+    pairs = np.array([(position[members[0]], position[other]) for members in kept for other in members[1:]],
+                     dtype=np.int64).reshape(-1, 2)
+    return [photos.image_ids[row] for row in order], photos.image_products[order], pairs
+
+
+def _descriptors(model: ImageClassifier, split: Marketplace, image_ids: Sequence[str], desc: str) -> np.ndarray:
+    return np.concatenate([model.retrieval_descriptors(images)
+                           for images in image_chunks(split.image_store, image_ids, desc=desc)])
+
+
+def fit_retrieval(model: ImageClassifier, splits: dict[str, Marketplace]) -> dict[str, Any]:
+    """Fit ``model``'s retrieval descriptor on its training listings with two or more photos: the centring of each
+    block, and a learned whitening (``learned_whitening``) that brings two photos of one listing together, its ridge
+    chosen from ``RETRIEVAL_REGULARIZATIONS`` by same-listing recall@10 on the validation listings (a photo as the
+    query among every validation photo). Returns what the fit used and chose, and that recall for each ridge and for
+    the pooled backbone output."""
+    retrieval = model.retrieval
+    if retrieval is None:
+        raise ModelConfigError("fit_retrieval needs an image classifier created with retrieval settings")
+    image_ids, _, pairs = _listing_pairs(SplitImages.from_split(splits["train"], "train"))
+    if len(pairs) < 2:
+        raise ModelConfigError(f"the retrieval whitening needs training listings with two or more photos; the "
+                               f"training split has {len(pairs)} such pair(s)")
+    raw = torch.from_numpy(_descriptors(model, splits["train"], image_ids, "retrieval descriptors (train)"))
+    val_ids, val_owners, val_pairs = _listing_pairs(SplitImages.from_split(splits["val"], "validation"))
+    val_raw = torch.from_numpy(_descriptors(model, splits["val"], val_ids, "retrieval descriptors (validation)")
+                               if len(val_pairs) else np.zeros((0, raw.shape[1]), dtype=np.float32))
+    block_mean = raw.mean(dim=0)
+    retrieval.fit(block_mean, torch.zeros_like(block_mean), torch.zeros_like(retrieval.projection))
+    with torch.inference_mode():
+        normalized = retrieval.normalized_blocks(raw).double().numpy()
+        val_normalized = retrieval.normalized_blocks(val_raw).double().numpy()
+    ridges = RETRIEVAL_REGULARIZATIONS if len(val_pairs) else RETRIEVAL_REGULARIZATIONS[:1]
+    fits = {ridge: learned_whitening(normalized, pairs, retrieval.dim, ridge) for ridge in ridges}
+    recall = {ridge: same_listing_recall((val_normalized - mean) @ projection, val_owners)
+              for ridge, (mean, projection) in fits.items()} if len(val_pairs) else {}
+    chosen = max(recall, key=lambda ridge: recall[ridge]) if recall else ridges[0]
+    mean, projection = fits[chosen]
+    retrieval.fit(block_mean, torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
+    metrics: dict[str, Any] = {"pairs": len(pairs), "photos": len(image_ids), "regularization": chosen}
+    if recall:
+        pooled = torch.split(val_raw, retrieval.block_widths, dim=1)[-2]  # the block before the colour histogram
+        metrics["validation_same_listing_recall_at_10"] = {
+            "pooled_output": same_listing_recall(pooled.numpy(), val_owners),
+            **{f"regularization {ridge}": value for ridge, value in recall.items()}}
+    return metrics
+
+
 def train(model: ImageClassifier, splits: dict[str, Marketplace], config: ImageTrainConfig,
           context: DistributedContext | None = None, *, cache: FeatureCache | None = None) -> TrainResult:
     """Train ``model``'s trainable part in place on the photos of ``splits["train"]``, early stopping on validation
@@ -227,10 +311,13 @@ def train(model: ImageClassifier, splits: dict[str, Marketplace], config: ImageT
                              axis=0)
     calibration = _calibrate(model, all_val_photos, _all_rows(val_logits, context, len(all_val_photos.image_ids)))
     model.eval()
+    # Every rank fits the same whitening on all the training pairs: it is deterministic, and small beside training.
+    retrieval = {"retrieval": fit_retrieval(model, splits)} if model.retrieval is not None else {}
     return TrainResult(history=result.history, metrics={
         "best_epoch": result.best_epoch,
         "validation_loss": result.history[result.best_epoch - 1]["val_loss"],
         "feature_cache": cached,
         "calibration": calibration,
         "training_config": dataclasses.asdict(config),
+        **retrieval,
     })

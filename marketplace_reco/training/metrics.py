@@ -54,3 +54,15 @@ def evaluate(y_true: Sequence[int], proba: np.ndarray, classes: Sequence[str], s
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
+
+
+def same_listing_recall(vectors: np.ndarray, owners: Sequence[Any], k: int = 10) -> float:
+    """Share of photos (of listings with two or more) whose ``k`` nearest other photos by cosine similarity among
+    ``vectors`` [n, d] include one of their own listing's (``owners[i]``: photo i's listing)."""
+    owners = np.asarray(owners)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = np.argsort(-similarity, axis=1)[:, :k]
+    queries = np.flatnonzero([(owners == owner).sum() >= 2 for owner in owners])
+    return float(np.mean([(owners[nearest[i]] == owners[i]).any() for i in queries])) if len(queries) else float("nan")

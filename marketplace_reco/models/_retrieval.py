@@ -40,7 +40,7 @@ def checked_retrieval(retrieval: dict[str, Any]) -> dict[str, Any]:
 class RetrievalDescriptor(nn.Module):
     """``describe(backbone, x, pixels)`` -> raw descriptors [n, input_dim]; ``forward(raw)`` -> vectors [n, dim].
 
-    The buffers (``block_mean``, ``mean``, ``projection``) are zeros until the trainer sets them with ``fit``."""
+    The buffers (``block_mean``, ``mean``, ``projection``) are zeros until the trainer sets them (``set_whitening``)."""
 
     def __init__(self, block_widths: list[int], dim: int, stages: int, colour_bins: int, colour_weight: float) -> None:
         super().__init__()
@@ -87,7 +87,7 @@ class RetrievalDescriptor(nn.Module):
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return (self.normalized_blocks(raw) - self.mean) @ self.projection
 
-    def fit(self, block_mean: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> None:
+    def set_whitening(self, block_mean: torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> None:
         """Set the fitted centring and whitening (shapes as the buffers)."""
         for name, value in (("block_mean", block_mean), ("mean", mean), ("projection", projection)):
             buffer = getattr(self, name)

@@ -224,7 +224,7 @@ def fit_retrieval(model: ImageClassifier, splits: dict[str, Marketplace]) -> dic
     val_raw = torch.from_numpy(_descriptors(model, splits["val"], val_ids, "retrieval descriptors (validation)")
                                if len(val_pairs) else np.zeros((0, raw.shape[1]), dtype=np.float32))
     block_mean = raw.mean(dim=0)
-    retrieval.fit(block_mean, torch.zeros_like(block_mean), torch.zeros_like(retrieval.projection))
+    retrieval.set_whitening(block_mean, torch.zeros_like(block_mean), torch.zeros_like(retrieval.projection))
     with torch.inference_mode():
         normalized = retrieval.normalized_blocks(raw).double().numpy()
         val_normalized = retrieval.normalized_blocks(val_raw).double().numpy()
@@ -234,7 +234,7 @@ def fit_retrieval(model: ImageClassifier, splits: dict[str, Marketplace]) -> dic
               for ridge, (mean, projection) in fits.items()} if len(val_pairs) else {}
     chosen = max(recall, key=lambda ridge: recall[ridge]) if recall else ridges[0]
     mean, projection = fits[chosen]
-    retrieval.fit(block_mean, torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
+    retrieval.set_whitening(block_mean, torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
     metrics: dict[str, Any] = {"pairs": len(pairs), "photos": len(image_ids), "regularization": chosen}
     if recall:
         pooled = torch.split(val_raw, retrieval.block_widths, dim=1)[-2]  # the block before the colour histogram

@@ -16,12 +16,12 @@ Sections, each printed as a table and written to reports/bench_search.md:
    pgserver's binaries, as the tests start): bulk load and HNSW build time, table and index size, recall@10 and
    query p50/p99 over SQL for several ``hnsw.ef_search``;
 4. retrieval quality on real listings (with --image-model / --text-model / --fusion-model, checkpoint names or
-   paths): same-listing recall@1/@10 and MRR (a photo as the query over the exact index of every photo; the answers
-   are its listing's other photos, listings with >= 2 photos; the queries are the listings the image model was not
-   trained on, when its recorded split can be rebuilt from the data), category precision@10 listing -> listings
-   for image, text and fusion vectors, query latency p50/p99 in process and over HTTP (``POST /similar`` on a loopback
-   uvicorn) with ``--http-listings`` listings (the real listings' vectors padded with synthetic ones of the same
-   dimension), and the time to embed and index.
+   paths): same-listing recall@1/@10 and MRR (a photo as the query among every photo, by exact cosine similarity;
+   the answers are its listing's other photos, listings with >= 2 photos; the queries are the listings the image
+   model was not trained on, when its recorded split can be rebuilt from the data), category precision@10 listing
+   -> listings for image, text and fusion vectors, query latency p50/p99 in process and over HTTP (``POST
+   /similar`` on a loopback uvicorn) with ``--http-listings`` listings (the real listings' vectors padded with
+   synthetic ones of the same dimension), and the time to embed and index.
 Query latencies are measured one query at a time with one FAISS thread (a server answers one request per worker);
 builds use every core. The bars of issue 18: at 1,000,000 vectors, recall@10 >= 0.95 at p50 <= 5 ms in process;
 same-listing recall@10 >= 0.80; fusion category precision@10 >= 0.80; /similar p50 <= 30 ms at 100,000 listings.
@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ from marketplace_reco.search.pgvector_index import PgvectorListingIndex
 from marketplace_reco.serving import ServingSettings, create_app
 from marketplace_reco.serving.connections import uvicorn_config
 from marketplace_reco.settings import benchmark_export_dir, reports_dir
+from marketplace_reco.training.metrics import same_listing_ranks
 from marketplace_reco.training.runs import products_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -395,28 +397,17 @@ def held_out_listings(model: ImageClassifier, db_url: str, images: str) -> set[s
     return {str(product) for name in ("val", "test") for product in splits[name].products["product_id"]}
 
 
-def same_listing_recall(photo_ids: list[str], owners: list[str], photo_vectors: np.ndarray,
-                        query_listings: set[str] | None) -> list[object]:
-    """A photo of ``query_listings`` (None: of any listing) as the query over the index of every photo, itself left
-    out; the answers are its listing's other photos (listings with >= 2 photos). recall@k: share of queries with
-    one of them in the top k; MRR: mean of 1 / rank of the first one."""
-    index = exact_index(Embedded(photo_ids, photo_vectors), "photos", "image")
-    by_listing: dict[str, set[str]] = {}
-    for photo, owner in zip(photo_ids, owners):
-        by_listing.setdefault(owner, set()).add(photo)
-    queries = [i for i, owner in enumerate(owners) if len(by_listing[owner]) >= 2 and photo_ids[i] in index
-               and (query_listings is None or owner in query_listings)]
-    ranks = []
-    for start in range(0, len(queries), 256):
-        chunk = queries[start:start + 256]
-        found = index.search(photo_vectors[chunk], K, exclude_ids=[[photo_ids[i]] for i in chunk])
-        for i, neighbours in zip(chunk, found):
-            answers = by_listing[owners[i]] - {photo_ids[i]}
-            rank = next((r for r, n in enumerate(neighbours, start=1) if n.listing_id in answers), None)
-            ranks.append(rank)
-    hits = np.array([rank is not None for rank in ranks])
-    first = np.array([rank or np.inf for rank in ranks], dtype=float)
-    return [len(ranks), f"{np.mean(first <= 1):.3f}", f"{np.mean(hits):.3f}", f"{np.mean(1 / first):.3f}"]
+def same_listing_quality(owners: list[str], photo_vectors: np.ndarray,
+                         query_listings: set[str] | None) -> list[object]:
+    """A photo of ``query_listings`` (None: of any listing) as the query among every photo, itself left out; the
+    answers are its listing's other photos (listings with >= 2 photos). recall@k: share of queries with one of them
+    in the top k; MRR: mean of 1 / rank of the first one."""
+    per_listing = Counter(owners)
+    queries = [i for i, owner in enumerate(owners)
+               if per_listing[owner] >= 2 and (query_listings is None or owner in query_listings)]
+    ranks = same_listing_ranks(photo_vectors, owners, queries, k=K)
+    first = np.where(ranks > 0, ranks, np.inf)
+    return [len(ranks), f"{np.mean(first <= 1):.3f}", f"{np.mean(ranks > 0):.3f}", f"{np.mean(1 / first):.3f}"]
 
 
 def category_precision(embedded: Embedded, roots: pd.Series, name: str, encodes: str) -> list[object]:
@@ -526,13 +517,13 @@ def retrieval_quality(args: argparse.Namespace) -> list[str]:
             embedded["image"] = Embedded(listing_order, listing_vectors)
             build_rows.append(["image (every photo's vector)", len(photo_ids), f"{seconds:.1f}"])
             say("same-listing recall")
-            recall = same_listing_recall(photo_ids, owners, photo_vectors, held_out)
+            recall = same_listing_quality(owners, photo_vectors, held_out)
             queries_from = ("the listings the image model was not trained on (its validation and test products)"
                             if held_out is not None else "every listing (the image model's training split could not "
                             "be rebuilt from this data, so some queries are listings it was trained on)")
             sections += ["### Same-listing recall (image index of photos)",
-                         ("A photo as the query over the exact index of every photo (itself left out); the answers "
-                          "are the other photos of its listing (listings with >= 2 photos). recall@k: share of "
+                         ("A photo as the query among every photo, by exact cosine similarity (itself left out); the "
+                          "answers are the other photos of its listing (listings with >= 2 photos). recall@k: share of "
                           "queries with one of them in the top k; MRR: mean of 1 / rank of the first one within the "
                           f"top 10. Queries: photos of {queries_from}."),
                          table(["queries", "recall@1", "recall@10", "MRR@10"], [recall])]

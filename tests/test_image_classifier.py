@@ -39,7 +39,7 @@ from marketplace_reco.training.image_data import (
     render_view,
     view_key,
 )
-from marketplace_reco.training.metrics import same_listing_recall
+from marketplace_reco.training.metrics import same_listing_ranks, same_listing_recall
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["bikes", "chairs", "phones"]
@@ -562,6 +562,8 @@ def test_same_listing_recall_counts_a_hit_among_the_k_nearest_other_photos() -> 
     # a's photos are each other's nearest; c's photo comes before the other photo of b for both of b's.
     assert same_listing_recall(vectors, owners, k=1) == pytest.approx(2 / 4)
     assert same_listing_recall(vectors, owners, k=2) == pytest.approx(1.0)
+    assert same_listing_ranks(vectors, owners).tolist() == [1, 1, 2, 2]
+    assert same_listing_ranks(vectors, owners, queries=[2, 0], k=1).tolist() == [0, 1]
 
 
 def test_a_retrieval_descriptor_is_fitted_by_training_and_saved_with_the_model(sample_marketplace: Marketplace,

@@ -129,7 +129,7 @@ class CheckpointMixin(ModelHubMixin):
         """The arguments that rebuild this model untrained (its config without the format's own keys)."""
         return {key: value for key, value in self.config.items() if key not in FORMAT_KEYS}
 
-    # ---- saving (ModelHubMixin.save_pretrained calls these) -------------------------------------
+    # ---- inference ----------------------------------------------------------------------------
     def quantize(self, kind: str) -> None:
         """Quantize the layers where it makes inference faster without costing accuracy (``_int8_layers``; see
         ``_quantization``); a model with none (photo models, the text CNN, HOG-SVM) stays as it is and its
@@ -144,6 +144,7 @@ class CheckpointMixin(ModelHubMixin):
         """Names of the linear layers int8 quantization pays for (a transformer's); none by default."""
         return []
 
+    # ---- saving (ModelHubMixin.save_pretrained calls these) -------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.quantization is not None:
             raise ModelConfigError(f"this {self.model_type} model is {self.quantization}-quantized for inference and "

@@ -231,9 +231,7 @@ class PgvectorListingIndex(ListingIndex):
             raise IndexConfigError(f"maintenance_work_mem must look like 512MB or 2GB, got {maintenance_work_mem!r}")
         if isinstance(parallel_workers, bool) or not isinstance(parallel_workers, int) or parallel_workers < 0:
             raise IndexConfigError(f"parallel_workers must be an integer >= 0, got {parallel_workers!r}")
-        if self.embedding.dim > MAX_HNSW_DIM:
-            raise IndexConfigError(f"pgvector's HNSW index takes at most {MAX_HNSW_DIM} dimensions, "
-                                   f"the index has {self.embedding.dim}")
+        _check_hnsw_dim(self.embedding.dim)
         with self._transaction("build the HNSW index of") as conn:
             conn.execute(text(f"SET LOCAL maintenance_work_mem = '{maintenance_work_mem}'"))
             conn.execute(text(f"SET LOCAL max_parallel_maintenance_workers = {parallel_workers}"))
@@ -393,6 +391,11 @@ def _check_engine(engine: Engine) -> None:
                                f"{mask_url(engine.url)} is {engine.dialect.name}+{engine.dialect.driver}")
 
 
+def _check_hnsw_dim(dim: int) -> None:
+    if dim > MAX_HNSW_DIM:
+        raise IndexConfigError(f"pgvector's HNSW index takes at most {MAX_HNSW_DIM} dimensions, the vectors have {dim}")
+
+
 def _check_settings(name: str, embedding: EmbeddingSpec, kind: str, hnsw_m: int, ef_construction: int,
                     ef_search: int) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -400,9 +403,8 @@ def _check_settings(name: str, embedding: EmbeddingSpec, kind: str, hnsw_m: int,
                                f"(letters, digits, '_'), got {name!r}")
     if kind not in KINDS:
         raise IndexConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "hnsw" and embedding.dim > MAX_HNSW_DIM:
-        raise IndexConfigError(f"pgvector's HNSW index takes at most {MAX_HNSW_DIM} dimensions, "
-                               f"the embedding has {embedding.dim}")
+    if kind == "hnsw":
+        _check_hnsw_dim(embedding.dim)
     for setting, value, low, high in (("hnsw_m", hnsw_m, 2, 100), ("ef_construction", ef_construction, 4, 1000),
                                       ("ef_search", ef_search, 1, MAX_EF_SEARCH)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

@@ -10,6 +10,11 @@ from scipy.special import log_softmax, softmax
 from .metrics import expected_calibration_error
 
 
+def mean_nll(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of ``labels`` [n] under softmax(``scores`` [n, n_classes])."""
+    return float(-log_softmax(scores, axis=1)[np.arange(len(labels)), labels].mean())
+
+
 def fit_temperature(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> float:
     """The T minimising the negative log-likelihood of softmax(scores / T) on held-out data (searched over log T).
 
@@ -22,7 +27,7 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray |
     labels = np.asarray(labels)
     if groups is None:
         def _nll(log_t: float) -> float:
-            return float(-log_softmax(scores / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
+            return mean_nll(scores / np.exp(log_t), labels)
     else:
         grouping = pd.Series(labels).groupby(np.asarray(groups), sort=False)
         if (grouping.nunique() > 1).any():

@@ -220,27 +220,31 @@ def fit_retrieval(model: ImageClassifier, splits: dict[str, Marketplace]) -> dic
         raise ModelConfigError(f"the retrieval whitening needs training listings with two or more photos; the "
                                f"training split has {len(pairs)} such pair(s)")
     raw = torch.from_numpy(_descriptors(model, splits["train"], image_ids, "retrieval descriptors (train)"))
-    val_ids, val_owners, val_pairs = _listing_pairs(SplitImages.from_split(splits["val"], "validation"))
-    val_raw = torch.from_numpy(_descriptors(model, splits["val"], val_ids, "retrieval descriptors (validation)")
-                               if len(val_pairs) else np.zeros((0, raw.shape[1]), dtype=np.float32))
     block_mean = raw.mean(dim=0)
     retrieval.set_whitening(block_mean, torch.zeros_like(block_mean), torch.zeros_like(retrieval.projection))
     with torch.inference_mode():
         normalized = retrieval.normalized_blocks(raw).double().numpy()
-        val_normalized = retrieval.normalized_blocks(val_raw).double().numpy()
-    ridges = RETRIEVAL_REGULARIZATIONS if len(val_pairs) else RETRIEVAL_REGULARIZATIONS[:1]
-    fits = {ridge: learned_whitening(normalized, pairs, retrieval.dim, ridge) for ridge in ridges}
-    recall = {ridge: same_listing_recall((val_normalized - mean) @ projection, val_owners)
-              for ridge, (mean, projection) in fits.items()} if len(val_pairs) else {}
-    chosen = max(recall, key=lambda ridge: recall[ridge]) if recall else ridges[0]
-    mean, projection = fits[chosen]
-    retrieval.set_whitening(block_mean, torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
-    metrics: dict[str, Any] = {"pairs": len(pairs), "photos": len(image_ids), "regularization": chosen}
-    if recall:
+    metrics: dict[str, Any] = {"pairs": len(pairs), "photos": len(image_ids)}
+    val_ids, val_owners, val_pairs = _listing_pairs(SplitImages.from_split(splits["val"], "validation"))
+    if len(val_pairs):
+        val_raw = torch.from_numpy(_descriptors(model, splits["val"], val_ids, "retrieval descriptors (validation)"))
+        with torch.inference_mode():
+            val_normalized = retrieval.normalized_blocks(val_raw).double().numpy()
+        fits = {ridge: learned_whitening(normalized, pairs, retrieval.dim, ridge)
+                for ridge in RETRIEVAL_REGULARIZATIONS}
+        recall = {ridge: same_listing_recall((val_normalized - mean) @ projection, val_owners)
+                  for ridge, (mean, projection) in fits.items()}
+        chosen = max(recall, key=lambda ridge: recall[ridge])
         pooled = torch.split(val_raw, retrieval.block_widths, dim=1)[-2]  # the block before the colour histogram
         metrics["validation_same_listing_recall_at_10"] = {
             "pooled_output": same_listing_recall(pooled.numpy(), val_owners),
             **{f"regularization {ridge}": value for ridge, value in recall.items()}}
+    else:  # nothing to choose the ridge by
+        chosen = RETRIEVAL_REGULARIZATIONS[0]
+        fits = {chosen: learned_whitening(normalized, pairs, retrieval.dim, chosen)}
+    mean, projection = fits[chosen]
+    retrieval.set_whitening(block_mean, torch.from_numpy(mean).float(), torch.from_numpy(projection).float())
+    metrics["regularization"] = chosen
     return metrics
 
 

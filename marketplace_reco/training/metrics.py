@@ -56,13 +56,26 @@ def evaluate(y_true: Sequence[int], proba: np.ndarray, classes: Sequence[str], s
     }
 
 
+def same_listing_ranks(vectors: np.ndarray, owners: Sequence[Any], queries: Sequence[int] | None = None,
+                       k: int = 10) -> np.ndarray:
+    """For each query photo, the rank (1 .. ``k``) of the first photo of its own listing among its ``k`` nearest other
+    photos by cosine similarity among ``vectors`` [n, d], 0 where none is. ``owners[i]`` is photo i's listing;
+    ``queries`` are row indices (default: every photo of a listing with two or more)."""
+    _, codes, counts = np.unique(np.asarray(owners), return_inverse=True, return_counts=True)
+    rows = np.flatnonzero(counts[codes] >= 2) if queries is None else np.asarray(queries, dtype=np.int64)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    ranks = np.zeros(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), 1024):  # 1,024 query rows of similarities at a time bound the memory
+        chunk = rows[start:start + 1024]
+        similarity = unit[chunk] @ unit.T
+        similarity[np.arange(len(chunk)), chunk] = -np.inf
+        hits = codes[np.argsort(-similarity, axis=1)[:, :k]] == codes[chunk][:, None]
+        ranks[start:start + len(chunk)] = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
+    return ranks
+
+
 def same_listing_recall(vectors: np.ndarray, owners: Sequence[Any], k: int = 10) -> float:
     """Share of photos (of listings with two or more) whose ``k`` nearest other photos by cosine similarity among
     ``vectors`` [n, d] include one of their own listing's (``owners[i]``: photo i's listing)."""
-    owners = np.asarray(owners)
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    similarity = unit @ unit.T
-    np.fill_diagonal(similarity, -np.inf)
-    nearest = np.argsort(-similarity, axis=1)[:, :k]
-    queries = np.flatnonzero([(owners == owner).sum() >= 2 for owner in owners])
-    return float(np.mean([(owners[nearest[i]] == owners[i]).any() for i in queries])) if len(queries) else float("nan")
+    ranks = same_listing_ranks(vectors, owners, k=k)
+    return float(np.mean(ranks > 0)) if len(ranks) else float("nan")

@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import log_softmax
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.dataset import Marketplace
 from ..models.errors import ModelConfigError
 from ..models.text_transformer import TextTransformerClassifier, encoder_layers, pad_batch
-from .calibration import calibrate_on_texts, fit_temperature
+from .calibration import calibrate_on_texts, fit_temperature, mean_nll
 from .distributed import DistributedContext, shard_sampler, single_process_context, wrap_model
 from .loop import fit, warmup_linear_adamw
 from .runs import TrainResult
@@ -200,8 +199,7 @@ def fit_lexical_head(model: TextTransformerClassifier, splits: dict[str, Marketp
         logits = encoder_val_logits + candidate * lexical_val
         temperature = fit_temperature(logits, val_labels)
         tried[candidate] = {
-            "validation_nll": float(-log_softmax(logits / temperature, axis=1)[np.arange(len(val_labels)),
-                                                                                val_labels].mean()),
+            "validation_nll": mean_nll(logits / temperature, val_labels),
             "validation_accuracy": float((logits.argmax(axis=1) == val_labels).mean())}
     best = min(tried, key=lambda candidate: tried[candidate]["validation_nll"])
     model.set_lexical_weight(best)
